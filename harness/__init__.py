@@ -1,0 +1,1 @@
+"""Benchmark harness: runs suites and benchmark matrices and writes reports."""

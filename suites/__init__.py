@@ -1,0 +1,1 @@
+"""Conformance and benchmark suites for zero-copy model sharing, usable against any implementation."""
