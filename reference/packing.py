@@ -65,7 +65,13 @@ class _Table:
     def add(self, t: torch.Tensor) -> int:
         if id(t) in self.tensor_index:
             return self.tensor_index[id(t)]
-        _check_supported(t, self.names.get(id(t), "<unnamed tensor>"))
+        name = self.names.get(id(t))
+        try:
+            _check_supported(t, name or "<unnamed tensor>")
+        except UnsupportedTensorError as exc:
+            if name is None:
+                raise _Unlocated(str(exc)) from None
+            raise
         storage = t.untyped_storage()
         key = (str(t.device), storage.data_ptr(), storage.nbytes())
         if storage.nbytes() == 0:
@@ -86,6 +92,10 @@ class _Table:
         self.specs.append(spec)
         self._alive.append(t)
         return self.tensor_index[id(t)]
+
+
+class _Unlocated(UnsupportedTensorError):
+    """An unsupported tensor or storage the graph walk did not reach (in a closure, say)."""
 
 
 def _check_supported(t: torch.Tensor, name: str) -> None:
@@ -125,9 +135,7 @@ class _SkeletonPickler(cloudpickle.Pickler):
         if isinstance(obj, torch.Tensor):
             return ("zc-tensor", self.table.add(obj))
         if isinstance(obj, (torch.UntypedStorage, torch.TypedStorage)):
-            raise UnsupportedTensorError(
-                f"a bare {type(obj).__name__} was found in the model; share tensors, not storages"
-            )
+            raise _Unlocated(f"a bare {type(obj).__name__} was found in the model; share tensors, not storages")
         return None
 
 
@@ -149,6 +157,27 @@ def public_methods(obj: Any) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _located(obj: Any, names: dict[int, str], exc: Exception) -> Exception:
+    """The error for a failed skeleton pickle, naming the attribute at fault."""
+    try:
+        found = graph.first_unpicklable(obj, lambda o: _dump_skeleton(o, _Table(names=names)))
+    except RecursionError:
+        # Too deep for the recursive search (and for pickle): blame the deepest path.
+        deepest = max((path for path, _ in graph.walk(obj)), key=len)
+        shown = deepest if len(deepest) <= 120 else deepest[:120] + "..."
+        return UnpicklableAttributeError(f"attribute {shown!r} is nested too deeply to pickle: {exc}")
+    if isinstance(exc, UnsupportedTensorError):
+        where = f"attribute {found[0]!r}" if found else "an attribute the search did not reach"
+        return UnsupportedTensorError(f"{where} holds an unsupported tensor: {exc}")
+    if found is None:
+        return UnpicklableAttributeError(f"the model skeleton cannot be pickled: {exc}")
+    path, value, error = found
+    return UnpicklableAttributeError(
+        f"attribute {path!r} of type {type(value).__qualname__} cannot be pickled "
+        f"({type(error).__name__}: {error}); remove it or make it picklable"
+    )
+
+
 def pack(obj: Any) -> tuple[Payload, list[torch.Tensor]]:
     """Split ``obj`` into a skeleton and unique storages, validating every tensor.
 
@@ -162,15 +191,10 @@ def pack(obj: Any) -> tuple[Payload, list[torch.Tensor]]:
     table = _Table(names=graph.tensor_paths(obj))
     try:
         skeleton = _dump_skeleton(obj, table)
-    except UnsupportedTensorError:
-        raise
+    except UnsupportedTensorError as exc:
+        if not isinstance(exc, _Unlocated):
+            raise
+        raise _located(obj, table.names, exc) from exc
     except Exception as exc:
-        found = graph.first_unpicklable(obj, lambda o: _dump_skeleton(o, _Table(names=table.names)))
-        if found is None:
-            raise UnpicklableAttributeError(f"the model skeleton cannot be pickled: {exc}") from exc
-        path, value, error = found
-        raise UnpicklableAttributeError(
-            f"attribute {path!r} of type {type(value).__qualname__} cannot be pickled "
-            f"({type(error).__name__}: {error}); remove it or make it picklable"
-        ) from exc
+        raise _located(obj, table.names, exc) from exc
     return Payload(skeleton, table.specs, table.storages, public_methods(obj)), table._alive

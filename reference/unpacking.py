@@ -38,8 +38,9 @@ def storages_from(buffers: list[np.ndarray]) -> list[torch.UntypedStorage]:
 
 
 def _view(storage: torch.UntypedStorage, spec: TensorSpec, device: torch.device) -> torch.Tensor:
-    t = torch.empty(0, dtype=spec.dtype).set_(storage, spec.offset, spec.shape, spec.stride)
-    if device.type != "cpu":
+    # The storage may already live on ``device`` (the GPU path maps it there): then no copy.
+    t = torch.empty(0, dtype=spec.dtype, device=storage.device).set_(storage, spec.offset, spec.shape, spec.stride)
+    if t.device != device:
         t = t.to(device)
     if spec.kind == PARAMETER:
         return torch.nn.Parameter(t, requires_grad=spec.requires_grad)

@@ -10,7 +10,7 @@ import numpy as np
 import ray
 import torch
 
-from . import cow
+from . import cow, gpu
 from .errors import DeviceUnavailableError, IsolationUnavailableError, ModelLostError, UnknownModeError
 from .packing import Payload, pack
 from .task_mode import TaskModel
@@ -113,9 +113,15 @@ class ModelWrapper:
         copy-on-write (the writer gets a private page; raises if that is impossible
         here), ``"copy"`` loads a private copy, ``"auto"`` is ``"cow"`` falling back
         to ``"copy"`` with a warning. Writes never reach other processes.
+        On CUDA (``device=None`` means the GPU Ray gave this actor, if any) every actor on
+        a GPU maps one shared copy, writable by convention only: see :mod:`.gpu`.
         """
         if self.info.mode == "task":
             return TaskModel(self, self.info.methods, task_options)
+        if device is None:
+            device = gpu.default_here()
+        if device is not None and _resolve_device(device).type == "cuda":
+            return gpu.load(self, _resolve_device(device), isolation, timeout_s)
         if isolation not in _ISOLATIONS:
             raise ValueError(f"unknown isolation {isolation!r}; expected one of {', '.join(_ISOLATIONS)}")
         target = _resolve_device(device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from zcbench.reference import ModelWrapper, __version__
 
 from ..contract import Capabilities
@@ -14,7 +16,7 @@ class ReferenceImpl:
 
     name = "reference"
     version = __version__
-    capabilities = Capabilities(cpu=True, cuda=False, task_mode=True, write_policy="cow")
+    capabilities = Capabilities(cpu=True, cuda=torch.cuda.is_available(), task_mode=True, write_policy="cow")
 
     def wrap(self, obj: Any, mode: str = "actor") -> ModelWrapper:
         return ModelWrapper.from_model(obj, mode=mode)

@@ -1,0 +1,149 @@
+"""Measure one cell, one round, in the process that owns the Ray driver (see worker.py).
+
+Wrap in the driver (time and clean peak memory growth), load in fresh actors (cold:
+the first on the node; warm: the next ones), first forward pass, per-actor USS/PSS
+after load and after inference, the node's object store bytes, then the Ray Data pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from zcbench.suites import actors, probes
+from zcbench.suites.contract import Implementation, release
+
+from . import pipeline_bench
+from .matrix import resolve_model
+
+# Metric name -> (unit, which direction is better); compare.py and report.py read this too.
+METRICS: dict[str, tuple[str, str]] = {
+    "model_bytes": ("B", "none"),
+    "wrap_s": ("s", "lower"),
+    "wrap_peak_bytes": ("B", "lower"),
+    "store_bytes": ("B", "none"),
+    "load_cold_s": ("s", "lower"),
+    "load_warm_s": ("s", "lower"),
+    "first_forward_s": ("s", "lower"),
+    "actor_uss_load_bytes": ("B", "lower"),
+    "actor_pss_load_bytes": ("B", "lower"),
+    "actor_uss_infer_bytes": ("B", "lower"),
+    "actor_pss_infer_bytes": ("B", "lower"),
+    "actor_store_pss_bytes": ("B", "none"),
+    "pool_uss_sum_bytes": ("B", "lower"),
+    "pool_pss_sum_bytes": ("B", "lower"),
+    "pool_total_bytes": ("B", "lower"),
+    "throughput_rows_s": ("rows/s", "higher"),
+    "pipeline_rows_s": ("rows/s", "higher"),
+    "latency_p50_s": ("s", "lower"),
+    "latency_p99_s": ("s", "lower"),
+    "pipeline_actors": ("actors", "none"),  # pool actors that processed at least one batch
+    "throughput_vs_naive": ("x", "higher"),
+}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS: a clean peak for this process only.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+@cache
+def _model(name: str) -> tuple[Any, Any]:
+    case = resolve_model(name)
+    return case, case.build()
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of the model's unique tensor storages."""
+    seen: dict[int, int] = {}
+    for _, t in probes.named_tensors(model):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _first_forward(model: Any, method: str, inputs: tuple) -> float:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        getattr(model, method)(*inputs)
+    return time.perf_counter() - start
+
+
+def _store_bytes() -> int:
+    node = ray.get_runtime_context().get_node_id()
+    return probes.store_bytes_by_node().get(node, 0)
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return float(statistics.median(values))
+
+
+def measure(impl: Implementation, params: dict[str, Any], rows: int, seed: int, workdir: Path) -> dict[str, Any]:
+    """One round of one cell; returns ``{"metrics": {name: value}, "valid": bool, "audit": str}``."""
+    case, original = _model(params["model"])
+    pool, batch, device = params["pool"], params["batch"], params["device"]
+    data = pipeline_bench.make_inputs(case, rows, seed, workdir)
+    sample = data.batch(list(range(min(batch, data.rows))))
+    m: dict[str, float] = {"model_bytes": model_bytes(original)}
+
+    store_before = _store_bytes()
+    _reset_peak()
+    rss_before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    wrapped = impl.wrap(original, "actor")
+    m["wrap_s"] = time.perf_counter() - start
+    m["wrap_peak_bytes"] = max(0, _status_kib("VmHWM") - rss_before)
+    store_wrap = _store_bytes() - store_before
+    pool_actors: list[Any] = []
+    spawned: list[Any] = []
+    try:
+        pool_actors = actors.spawn(impl, wrapped, 1, device=device)  # cold: first load on the node
+        spawned += pool_actors
+        extra = actors.spawn(impl, wrapped, max(pool - 1, 1), device=device)  # warm: pages already there
+        spawned += extra
+        reports = ray.get([a.load_report.remote() for a in pool_actors + extra])
+        m["load_cold_s"] = reports[0]["load_s"]
+        m["load_warm_s"] = _median([r["load_s"] for r in reports[1:]])
+        if pool == 1:
+            actors.kill(extra)  # it only timed a warm load; the pool is one actor
+            spawned = pool_actors
+            reports = reports[:1]
+        else:
+            pool_actors += extra
+        m["actor_uss_load_bytes"] = _median([r["after"]["uss"] for r in reports])
+        m["actor_pss_load_bytes"] = _median([r["after"]["pss"] for r in reports])
+        m["first_forward_s"] = _median(ray.get([a.apply.remote(_first_forward, case.method, sample) for a in pool_actors]))
+        mems = ray.get([a.memory.remote() for a in pool_actors])
+        store_loaded = _store_bytes() - store_before
+        m["actor_uss_infer_bytes"] = _median([x["uss"] for x in mems])
+        m["actor_pss_infer_bytes"] = _median([x["pss"] for x in mems])
+        m["actor_store_pss_bytes"] = _median([x["store_pss"] for x in mems])
+        # Shared store bytes counted once; per-actor USS summed (USS is private, so the sum is honest).
+        m["store_bytes"] = max(store_wrap, store_loaded, 0)
+        m["pool_uss_sum_bytes"] = sum(x["uss"] for x in mems)
+        m["pool_pss_sum_bytes"] = sum(x["pss"] for x in mems)
+        m["pool_total_bytes"] = m["pool_uss_sum_bytes"] + m["store_bytes"]
+    finally:
+        actors.kill(spawned)
+    try:
+        pipe = pipeline_bench.run(impl, wrapped, original, data, pool, batch, device, workdir)
+    finally:
+        release(impl, wrapped)
+    valid, note = pipe.pop("valid"), pipe.pop("audit")
+    m.update(pipe)
+    return {"metrics": m, "valid": valid, "audit": note}

@@ -1,0 +1,219 @@
+"""The ``zcbench`` command: run the benchmark matrix, report it, compare two runs, run conformance.
+
+Exit codes: 0 success, 1 regression found (compare --fail-on-regression) or some cells
+failed, 2 bad input (unknown implementation/model/value, invalid results file,
+unreachable Ray address), 130 interrupted (finished cells are saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad input from the command line; reported in one line with exit code 2."""
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zcbench", description="Zero-copy model sharing in Ray: benchmark and conformance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the benchmark matrix and write a results JSON")
+    run.add_argument("--impl", action="append", help="implementation (registered name or module:factory); repeatable")
+    run.add_argument("--model", action="append", type=_csv, help="model: mlp-<N>mib, mixed, or a real architecture; repeatable or comma-separated")
+    run.add_argument("--pool", type=_csv_ints, help="actor pool sizes, e.g. 1,2,4,8")
+    run.add_argument("--batch", type=_csv_ints, help="batch sizes, e.g. 1,8,32,128")
+    run.add_argument("--device", type=_csv, help="cpu and/or cuda (cuda only where available)")
+    run.add_argument("--rounds", type=int, help="measured rounds per cell (median and spread over them)")
+    run.add_argument("--warmup", type=int, help="unrecorded rounds per cell before the measured ones")
+    run.add_argument("--rows", type=int, help="rows through the Ray Data pipeline per round")
+    run.add_argument("--seed", type=int, help="seed of the input rows")
+    run.add_argument("--cell-timeout", type=float, help="seconds one round of one cell may take before it is failed")
+    run.add_argument("--quick", action="store_true", help="small matrix: reference vs naive, mlp-64mib, pools 1,2,4, batches 8,32")
+    run.add_argument("--ray-address", help="use this existing Ray cluster instead of starting a private one")
+    run.add_argument("--out", help="results file (default results/bench/run-<time>.json)")
+    run.add_argument("--resume", metavar="FILE", help="complete an interrupted results file (keeps its settings and finished cells)")
+
+    rep = sub.add_parser("report", help="write Markdown and PNG plots from a results file")
+    rep.add_argument("results")
+    rep.add_argument("--out", required=True, help="output directory")
+
+    cmp_ = sub.add_parser("compare", help="compare two results files side by side")
+    cmp_.add_argument("a", help="baseline results")
+    cmp_.add_argument("b", help="new results")
+    cmp_.add_argument("--factor", type=float, default=1.2, help="flag a regression when worse by this factor (default 1.2)")
+    cmp_.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged")
+
+    conf = sub.add_parser("conformance", help="run the conformance matrix (harness/conformance.py)")
+    if not load_conformance:
+        conf.add_argument("rest", nargs=argparse.REMAINDER)
+        return parser
+    try:
+        from . import conformance  # owned elsewhere; imported lazily so the benchmark works without it
+
+        conformance.add_arguments(conf)
+        conf.set_defaults(_conformance=conformance)
+    except Exception as exc:  # noqa: BLE001 - any import/definition problem must not break run/report/compare
+        conf.set_defaults(_conformance=None, _conformance_error=str(exc))
+        conf.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast when ``host:port`` does not accept a connection (ray.init would wait much longer)."""
+    if address == "auto":
+        return  # ray.init resolves it from the local session file
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"Ray address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"Ray address {address!r} does not answer: {exc}") from None
+
+
+def _settings_from_args(args: argparse.Namespace):
+    from zcbench.suites.contract import ContractError, resolve_spec
+
+    from . import matrix
+
+    installed = []
+    for name in ("reference", "naive"):
+        try:
+            from zcbench.suites.contract import load_implementation
+
+            load_implementation(name)
+            installed.append(name)
+        except Exception:  # noqa: BLE001 - an adapter that does not import is simply not installed
+            pass
+    s = matrix.quick_settings(installed) if args.quick else matrix.Settings(
+        impls=["reference", "naive"], models=["mlp-64mib"], pools=[1, 2, 4, 8], batches=[1, 8, 32, 128])
+    if args.impl:
+        s.impls = list(dict.fromkeys(args.impl))
+    if args.model:
+        s.models = list(dict.fromkeys(m for group in args.model for m in group))
+    for attr, value in (("pools", args.pool), ("batches", args.batch), ("devices", args.device), ("rounds", args.rounds),
+                        ("warmup", args.warmup), ("rows", args.rows), ("seed", args.seed), ("cell_timeout_s", args.cell_timeout)):
+        if value is not None:
+            setattr(s, attr, value)
+    s.ray_address = args.ray_address
+    for name in s.impls:
+        try:
+            resolve_spec(name)
+        except ContractError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        matrix.validate(s)
+    except matrix.MatrixError as exc:
+        raise UsageError(str(exc)) from None
+    return s
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from zcbench.suites.contract import ContractError
+
+    from . import bench, schema
+    from .matrix import Settings
+
+    if args.resume:
+        try:
+            doc = schema.load(args.resume)
+        except schema.ResultsError as exc:
+            raise UsageError(str(exc)) from None
+        out = Path(args.out or args.resume)
+        settings = Settings.from_dict(doc["settings"])
+        if args.ray_address:
+            settings.ray_address = args.ray_address
+    else:
+        settings = _settings_from_args(args)
+        out = Path(args.out or f"results/bench/run-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        try:
+            infos = bench.implementation_info(settings.impls)
+        except ContractError as exc:
+            raise UsageError(str(exc)) from None
+        doc = bench.new_document(settings, infos, sys.argv)
+    if settings.ray_address:
+        check_ray_address(settings.ray_address)
+    envs = {i["name"]: i["process_env"] for i in doc["implementations"]}
+    runner = bench.SubprocessRunner(envs, settings.ray_address)
+    print(f"zcbench: {len(doc['cells'])} cells -> {out}", file=sys.stderr, flush=True)
+    try:
+        bench.run_matrix(doc, runner, out)
+    except KeyboardInterrupt:
+        print(f"zcbench: interrupted; finished cells kept in {out}; complete it with: zcbench run --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConnectionError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        runner.close()
+    failed = [c for c in doc["cells"] if c["status"] == "failed"]
+    print(f"zcbench: wrote {out} ({len(doc['cells']) - len(failed)} cells final, {len(failed)} failed) in {doc['wall_s']:.0f}s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report, schema
+
+    try:
+        doc = schema.load(args.results)
+        paths = report.write_report(doc, Path(args.out))
+    except (schema.ResultsError, report.ReportError) as exc:
+        raise UsageError(str(exc)) from None
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import compare, schema
+
+    try:
+        a, b = schema.load(args.a), schema.load(args.b)
+    except schema.ResultsError as exc:
+        raise UsageError(str(exc)) from None
+    result = compare.compare(a, b, args.factor)
+    print(compare.render(result, args.a, args.b, args.factor))
+    return 1 if (args.fail_on_regression and result.regressions) else 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    module = getattr(args, "_conformance", None)
+    if module is None:
+        raise UsageError(f"conformance is not available: {getattr(args, '_conformance_error', 'harness/conformance.py missing')}")
+    return int(module.main(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zcbench`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    # The conformance module (and what it imports) is loaded only for that subcommand.
+    args = build_parser(load_conformance=bool(argv) and argv[0] == "conformance").parse_args(argv)
+    handler = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "conformance": cmd_conformance}[args.command]
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(f"zcbench {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Summary statistics of repeated measurements: median and spread (IQR, min/max)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Median, quartiles (inclusive method), IQR, min, max and count of ``values``."""
+    vals = sorted(float(v) for v in values)
+    if not vals:
+        raise ValueError("no values to summarize")
+    if len(vals) == 1:
+        q1 = q3 = vals[0]
+    else:
+        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    return {
+        "median": statistics.median(vals),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": vals[0],
+        "max": vals[-1],
+        "n": len(vals),
+    }
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The ``pct``-th percentile (linear interpolation between closest ranks)."""
+    vals = sorted(values)
+    if not vals:
+        raise ValueError("no values")
+    k = (len(vals) - 1) * pct / 100
+    lo = int(k)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
