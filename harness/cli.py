@@ -62,6 +62,11 @@ def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
     cmp_.add_argument("--factor", type=float, default=1.2, help="flag a regression when worse by this factor (default 1.2)")
     cmp_.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged")
 
+    main_job = sub.add_parser("main", help="the main job: conformance of the reference + quick benchmark + report")
+    from . import main_job as _main_job
+
+    _main_job.add_arguments(main_job)
+
     conf = sub.add_parser("conformance", help="run the conformance matrix (harness/conformance.py)")
     if not load_conformance:
         conf.add_argument("rest", nargs=argparse.REMAINDER)
@@ -195,6 +200,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if (args.fail_on_regression and result.regressions) else 0
 
 
+def cmd_main(args: argparse.Namespace) -> int:
+    from . import main_job
+
+    return main_job.main(args)
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     module = getattr(args, "_conformance", None)
     if module is None:
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The conformance module (and what it imports) is loaded only for that subcommand.
     args = build_parser(load_conformance=bool(argv) and argv[0] == "conformance").parse_args(argv)
-    handler = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "conformance": cmd_conformance}[args.command]
+    handler = {"main": cmd_main, "run": cmd_run, "report": cmd_report, "compare": cmd_compare, "conformance": cmd_conformance}[args.command]
     try:
         return handler(args)
     except UsageError as exc:

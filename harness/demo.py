@@ -164,7 +164,7 @@ def run_demo(model_mib: int = 64, actors: int = 4, rows: int = 512, out: str | N
     reports = _Reports.remote()
     start = time.perf_counter()
     (
-        ray.data.read_parquet(f"{out}/inputs")
+        ray.data.read_parquet(f"{out}/inputs", override_num_blocks=max(2 * actors, 1))
         .map_batches(
             InferenceActor,
             fn_constructor_kwargs={"model_wrapper": wrapper, "reports": reports},

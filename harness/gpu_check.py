@@ -80,18 +80,18 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         "Device growth = drop of free GPU memory (driver's `mem_get_info`) across all loads, CUDA contexts excluded"
         " except a shared owner's own context, which is counted.",
         "",
-        "| implementation | model MiB | actors | device growth MiB | growth / model | max allocated per actor MiB"
+        "| implementation | model MiB | actors | device growth MiB | per actor MiB | growth / model | max allocated per actor MiB"
         " | first load s | later loads s (median) | outputs identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['implementation']} | error: {r['error'][:120]} |||||||| |")
+            lines.append(f"| {r['implementation']} | error: {r['error'][:120]} ||||||||| |")
             continue
         later = sorted(r["load_s"][1:]) or [float("nan")]
         lines.append(
             f"| {r['implementation']} | {r['model_bytes'] / MiB:.0f} | {r['actors']} | {r['device_growth_bytes'] / MiB:.0f}"
-            f" | {r['growth_over_model']:.2f} | {max(r['allocated_per_actor_bytes']) / MiB:.1f} | {r['load_s'][0]:.2f}"
+            f" | {r['device_growth_per_actor_bytes'] / MiB:.0f} | {r['growth_over_model']:.2f} | {max(r['allocated_per_actor_bytes']) / MiB:.1f} | {r['load_s'][0]:.2f}"
             f" | {later[len(later) // 2]:.2f} | {r['outputs_identical']} |"
         )
     return "\n".join(lines) + "\n"

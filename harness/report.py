@@ -67,7 +67,7 @@ def plot_memory(cells: list[dict[str, Any]], model: str, styles: dict, path: Pat
     for impl, pts in _series(mine, "pool", "pool_total_bytes").items():
         ax2.plot([p for p, _ in pts], [v / MiB for _, v in pts], label=impl, **styles[impl])
     ax1.axhline(size, color="grey", ls="--", label=f"model size ({size:.0f} MiB)")
-    ax2.plot(pools, [p * size for p in pools], color="grey", ls="--", label="one copy per actor")
+    ax2.plot(pools, [p * size for p in pools], color="grey", ls="--", marker="_", ms=16, label="one copy per actor (pool × model)")
     ax1.set(title=f"{model}: private memory (USS) per actor", xlabel="actors in pool", ylabel="MiB", xticks=pools, ylim=(0, None))
     ax2.set(title=f"{model}: pool total = ΣUSS + shared store once", xlabel="actors in pool", ylabel="MiB", xticks=pools, ylim=(0, None))
     for ax in (ax1, ax2):

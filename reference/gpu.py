@@ -16,7 +16,8 @@ Design (what ``ModelWrapper.load(device="cuda"...)`` does):
 * Lifetime: the owner counts leases (one per ``load``); a lease ends when every storage
   it rebuilt is garbage (``weakref.finalize``) or its process dies (the owner polls
   consumer pids). The last lease's end frees the storages, calls
-  ``torch.cuda.ipc_collect()`` and ends the owner. If the owner dies while tensors are
+  ``torch.cuda.ipc_collect()`` and ends the owner (an owner never leased for
+  ``UNUSED_GRACE_S`` ends too). If the owner dies while tensors are
   in use, those tensors point at freed device memory: using them is undefined (CUDA
   errors or garbage), so never kill the owner by hand; a new ``load`` starts a new one.
   ``ModelLostError`` is raised when no live owner can be reached or created.
@@ -56,6 +57,8 @@ OWNER_NAMESPACE = "zcbench-reference-gpu"
 GPU_ISOLATIONS = ("auto", "shared", "copy", "cow")
 #: How often the owner checks that its consumers' processes still exist.
 REAP_INTERVAL_S = 5.0
+#: An owner whose creator died before taking its lease leaves after this long unused.
+UNUSED_GRACE_S = 120.0
 _ACQUIRE_ATTEMPTS = 3
 
 Handle = tuple  # the argument tuple of torch's rebuild_cuda_tensor, or None for an empty storage
@@ -171,6 +174,10 @@ class Leases:
     def finished(self) -> bool:
         """True once leases were handed out and all of them ended."""
         return self.ever_used and not self._pids
+
+    def should_close(self, unused_for_s: float, grace_s: float = UNUSED_GRACE_S) -> bool:
+        """True when every lease ended, or none was ever taken within ``grace_s`` of starting."""
+        return self.finished or (not self.ever_used and unused_for_s > grace_s)
 
     def __len__(self) -> int:
         return len(self._pids)
@@ -310,6 +317,10 @@ class GpuOwner:
             os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
         else:
             os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        try:  # also at run time, in case the allocator had already read its settings
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        except (AttributeError, RuntimeError):
+            pass
         seen = normalize_uuid(torch.cuda.get_device_properties(0).uuid)
         if seen != normalize_uuid(gpu_uuid):
             raise DeviceUnavailableError(f"GPU owner wanted {normalize_uuid(gpu_uuid)} but CUDA shows {seen}")
@@ -322,7 +333,6 @@ class GpuOwner:
             else:
                 self._tensors.append(torch.empty(0, dtype=torch.uint8).set_(s).to(device))
         torch.cuda.synchronize()
-        self._handles = [None if t is None else export(t) for t in self._tensors]
         self.nbytes = sum(t.numel() for t in self._tensors if t is not None)
         del payload, ref_box
         self._leases = Leases()
@@ -334,7 +344,9 @@ class GpuOwner:
         with self._lock:
             if self._closing:
                 return None
-            return self._leases.acquire(pid), self._handles
+            # A fresh export per consumer: each export carries one count of torch's IPC
+            # ref-counter, which that consumer's rebuild releases (once) when it frees it.
+            return self._leases.acquire(pid), [None if t is None else export(t) for t in self._tensors]
 
     def release(self, lease: int) -> None:
         with self._lock:
@@ -352,24 +364,29 @@ class GpuOwner:
         }
 
     def _reaper(self, interval: float) -> None:
+        started = time.monotonic()
         while True:
             time.sleep(interval)
             with self._lock:
                 self._leases.reap(_pid_alive)
-                finished = self._leases.finished
-            if finished:
-                self._close()
+                done = self._leases.should_close(time.monotonic() - started)
+            if done:
+                self._close(started)
                 return
 
-    def _close(self) -> None:
+    def _close(self, started: float | None = None) -> None:
         with self._lock:
-            if self._closing or not self._leases.finished:
+            unused_for = time.monotonic() - started if started is not None else 0.0
+            if self._closing or not self._leases.should_close(unused_for):
                 return
             self._closing = True
-            self._tensors, self._handles = [], []
+            self._tensors = []
         gc.collect()
         torch.cuda.ipc_collect()
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - leaving is what matters; the name is freed either way
+            os._exit(0)
 
 
 class _RayOwner:

@@ -41,7 +41,9 @@ class Capabilities:
     ``write_policy`` is the declared effect of an in-place write to a loaded weight:
     ``raise`` (refused before any byte changes), ``cow`` (the writer gets a private
     copy), ``copy`` (every actor owns a private copy anyway), ``shared`` (the write is
-    visible to every process: weights can be corrupted).
+    visible to every process: weights can be corrupted). ``cuda_write_policy`` is the
+    same for weights loaded on a GPU, where copy-on-write pages do not exist; it
+    defaults to ``write_policy``.
     """
 
     cpu: bool = True
@@ -51,11 +53,16 @@ class Capabilities:
     multi_node: bool = True
     zero_copy: bool = True
     write_policy: WritePolicy = "unknown"
+    cuda_write_policy: WritePolicy | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.write_policy not in WRITE_POLICIES:
-            raise ContractError(f"write_policy {self.write_policy!r} is not one of {WRITE_POLICIES}")
+        for name in ("write_policy", "cuda_write_policy"):
+            value = getattr(self, name)
+            if value is not None and value not in WRITE_POLICIES:
+                raise ContractError(f"{name} {value!r} is not one of {WRITE_POLICIES}")
+        if self.cuda_write_policy is None:
+            object.__setattr__(self, "cuda_write_policy", self.write_policy)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -111,7 +111,7 @@ INGREDIENTS: dict[str, Ingredient] = {
     "f8": Ingredient(lambda: torch.randn(16).to(torch.float8_e4m3fn), tensor=True),
     "c64": Ingredient(lambda: torch.randn(3, dtype=torch.complex64), tensor=True),
     "i8": Ingredient(lambda: torch.randint(-100, 100, (7,), dtype=torch.int8), tensor=True),
-    "u16": Ingredient(lambda: torch.arange(5, dtype=torch.uint16), tensor=True),
+    "u16": Ingredient(lambda: torch.arange(5).to(torch.uint16), tensor=True),
     "i64": Ingredient(lambda: torch.arange(11), tensor=True),
     "bool": Ingredient(lambda: torch.rand(13) > 0.5, tensor=True),
     "zero_size": Ingredient(lambda: torch.empty(0, 4), tensor=True),

@@ -144,6 +144,15 @@ def test_lease_book():
     assert book.release(a) is False  # twice is harmless
     assert book.reap(lambda pid: pid != 11) == [b]
     assert book.release(c) is True and book.finished
+    assert book.should_close(0.0)
+
+
+def test_unused_owner_leaves_after_grace():
+    book = gpu.Leases()
+    assert not book.should_close(10.0, grace_s=60.0)  # its first consumer may still be coming
+    assert book.should_close(61.0, grace_s=60.0)  # that consumer died before taking its lease
+    book.acquire(1)
+    assert not book.should_close(1e9, grace_s=60.0)  # a live lease keeps it however long
 
 
 def test_consumer_lease_counts_storages():

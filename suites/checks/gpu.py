@@ -180,7 +180,7 @@ def check_gpu_outputs(impl) -> None:
 
 @check("gpu.isolation", requires=("cuda",))
 def check_gpu_isolation(impl) -> dict[str, str]:
-    """An in-place write to a CUDA weight in one actor behaves as the declared write_policy says."""
+    """An in-place write to a CUDA weight in one actor behaves as the declared cuda_write_policy says."""
     _need_cuda()
     case = blob_case(64)
     wrapped = impl.wrap(case.build(), "actor")
@@ -196,7 +196,7 @@ def check_gpu_isolation(impl) -> dict[str, str]:
     observed = classify_write(
         error, first_difference(writer_out, expected) is not None, first_difference(other_out, expected) is not None
     )
-    problem = judge_write(impl.capabilities.write_policy, observed)
+    problem = judge_write(impl.capabilities.cuda_write_policy, observed)
     assert problem is None, problem
     return {"observed": observed}
 

@@ -135,7 +135,7 @@ def check_ray_data_end_to_end(impl) -> dict[str, Any]:
             src, dst = os.path.join(tmp, "in"), os.path.join(tmp, f"out-{uuid.uuid4().hex[:8]}")
             os.makedirs(src)
             features = _write_input(src)
-            ds = ray.data.read_parquet(src).map_batches(
+            ds = ray.data.read_parquet(src, override_num_blocks=FILES).map_batches(
                 InferenceActor,
                 fn_constructor_kwargs={"impl_spec": impl.spec, "model_wrapper": wrapped},
                 batch_size=BATCH,

@@ -12,11 +12,17 @@ from ..contract import Capabilities
 
 
 class ReferenceImpl:
-    """zcbench's reference: one copy per node, copy-on-write isolation."""
+    """zcbench's reference: one copy per node, copy-on-write isolation on the CPU.
+
+    On a GPU the weights are one copy per device shared through CUDA IPC, where pages
+    cannot be copy-on-write: a write is visible to every actor on that GPU (declared).
+    """
 
     name = "reference"
     version = __version__
-    capabilities = Capabilities(cpu=True, cuda=torch.cuda.is_available(), task_mode=True, write_policy="cow")
+    capabilities = Capabilities(
+        cpu=True, cuda=torch.cuda.is_available(), task_mode=True, write_policy="cow", cuda_write_policy="shared"
+    )
 
     def wrap(self, obj: Any, mode: str = "actor") -> ModelWrapper:
         return ModelWrapper.from_model(obj, mode=mode)

@@ -220,14 +220,14 @@ def test_matrix_writes_json_and_markdown(tmp_path, address: str) -> None:
     from zcbench.harness import conformance
 
     matrix = conformance.run_matrix(
-        ["reference", "fakeimpl:NoSuch"], tmp_path, select=["outputs."], timeout_s=600, ray_address=address
+        ["reference", "fakeimpl:NoSuch"], tmp_path, select=[CHECK], timeout_s=600, ray_address=address
     )
     on_disk = json.loads((tmp_path / "matrix.json").read_text())
     assert on_disk["schema_version"] == conformance.SCHEMA_VERSION == matrix["schema_version"]
     assert on_disk["suite_version"] and on_disk["machine"]["cores_logical"] and on_disk["created"]
     ref = on_disk["implementations"]["reference"]
     assert ref["status"] == "ok" and ref["header"]["implementation"] == "reference"
-    assert [r["check_id"] for r in ref["results"]] == [c.id for c in runner.select_checks(["outputs."])]
+    assert [r["check_id"] for r in ref["results"]] == [c.id for c in runner.select_checks([CHECK])]
     assert {r["status"] for r in ref["results"]} == {"passed"}
     broken = on_disk["implementations"]["fakeimpl:NoSuch"]
     assert broken["status"] == "crashed" and "fakeimpl" in broken["reason"]
