@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from zcbench.suites.contract import load_implementation
 
 from . import machine, schema
-from .cells import METRICS
+from .cells import metric_meta
 from .matrix import Settings, cell_id, cell_keys, resolve_model
 from .stats import summarize
 
@@ -198,7 +198,7 @@ def _skip_reason(info: dict[str, Any], params: dict[str, Any]) -> str | None:
 
 
 def _metric(name: str, values: list[float]) -> dict[str, Any]:
-    unit, better = METRICS.get(name, ("", "none"))
+    unit, better = metric_meta(name)
     st = summarize(values)
     return {"value": st["median"], "unit": unit, "better": better, "stats": st, "values": [float(v) for v in values]}
 

@@ -44,7 +44,18 @@ METRICS: dict[str, tuple[str, str]] = {
     "latency_p99_s": ("s", "lower"),
     "pipeline_actors": ("actors", "none"),  # pool actors that processed at least one batch
     "throughput_vs_naive": ("x", "higher"),
+    "num_tensors": ("tensors", "none"),  # parameters and buffers (tied ones once per name)
+    "num_nodes": ("nodes", "none"),  # alive nodes of the cluster the cell ran on
 }
+#: Per-node store bytes added by the model: ``store_bytes_node0`` is the driver's node, the others follow by node id.
+NODE_METRIC_PREFIX = "store_bytes_node"
+
+
+def metric_meta(name: str) -> tuple[str, str]:
+    """(unit, better) of a metric name, per-node store metrics included."""
+    if name.startswith(NODE_METRIC_PREFIX) and name[len(NODE_METRIC_PREFIX):].isdigit():
+        return ("B", "none")
+    return METRICS.get(name, ("", "none"))
 
 
 def _status_kib(field: str) -> int:
@@ -87,6 +98,33 @@ def _store_bytes() -> int:
     return probes.store_bytes_by_node().get(node, 0)
 
 
+def settled_store_bytes(timeout_s: float = 5.0, interval_s: float = 0.25) -> dict[str, int]:
+    """Per-node store bytes once two readings agree: the previous cell's objects are freed
+    asynchronously, and a baseline taken mid-free makes this cell's bytes look smaller (even zero)."""
+    last = probes.store_bytes_by_node()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        now = probes.store_bytes_by_node()
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def node_order(node_ids: list[str], driver_node: str) -> list[str]:
+    """The driver's node first, then the others by id: stable across the rounds of one cluster."""
+    return sorted(node_ids, key=lambda n: (n != driver_node, n))
+
+
+def per_node_metrics(before: dict[str, int], after: dict[str, int], driver_node: str) -> dict[str, float]:
+    """``store_bytes_node<i>`` (bytes each node's store gained, never negative) and ``num_nodes``."""
+    out: dict[str, float] = {"num_nodes": len(after)}
+    for i, node in enumerate(node_order(list(after), driver_node)):
+        out[f"{NODE_METRIC_PREFIX}{i}"] = max(0, after[node] - before.get(node, 0))
+    return out
+
+
 def _median(values: list[float]) -> float:
     import statistics
 
@@ -99,9 +137,11 @@ def measure(impl: Implementation, params: dict[str, Any], rows: int, seed: int, 
     pool, batch, device = params["pool"], params["batch"], params["device"]
     data = pipeline_bench.make_inputs(case, rows, seed, workdir)
     sample = data.batch(list(range(min(batch, data.rows))))
-    m: dict[str, float] = {"model_bytes": model_bytes(original)}
+    m: dict[str, float] = {"model_bytes": model_bytes(original), "num_tensors": sum(1 for _ in probes.named_tensors(original))}
 
-    store_before = _store_bytes()
+    driver_node = ray.get_runtime_context().get_node_id()
+    nodes_before = settled_store_bytes()
+    store_before = nodes_before.get(driver_node, 0)
     _reset_peak()
     rss_before = _status_kib("VmRSS")
     start = time.perf_counter()
@@ -129,7 +169,9 @@ def measure(impl: Implementation, params: dict[str, Any], rows: int, seed: int, 
         m["actor_pss_load_bytes"] = _median([r["after"]["pss"] for r in reports])
         m["first_forward_s"] = _median(ray.get([a.apply.remote(_first_forward, case.method, sample) for a in pool_actors]))
         mems = ray.get([a.memory.remote() for a in pool_actors])
-        store_loaded = _store_bytes() - store_before
+        nodes_loaded = probes.store_bytes_by_node()
+        store_loaded = nodes_loaded.get(driver_node, 0) - store_before
+        m.update(per_node_metrics(nodes_before, nodes_loaded, driver_node))
         m["actor_uss_infer_bytes"] = _median([x["uss"] for x in mems])
         m["actor_pss_infer_bytes"] = _median([x["pss"] for x in mems])
         m["actor_store_pss_bytes"] = _median([x["store_pss"] for x in mems])

@@ -38,7 +38,7 @@ def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the benchmark matrix and write a results JSON")
     run.add_argument("--impl", action="append", help="implementation (registered name or module:factory); repeatable")
-    run.add_argument("--model", action="append", type=_csv, help="model: mlp-<N>mib, mixed, or a real architecture; repeatable or comma-separated")
+    run.add_argument("--model", action="append", type=_csv, help="model: mlp-<N>mib, tensors-<N>, mixed, or a real architecture; repeatable or comma-separated")
     run.add_argument("--pool", type=_csv_ints, help="actor pool sizes, e.g. 1,2,4,8")
     run.add_argument("--batch", type=_csv_ints, help="batch sizes, e.g. 1,8,32,128")
     run.add_argument("--device", type=_csv, help="cpu and/or cuda (cuda only where available)")
@@ -47,7 +47,7 @@ def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--rows", type=int, help="rows through the Ray Data pipeline per round")
     run.add_argument("--seed", type=int, help="seed of the input rows")
     run.add_argument("--cell-timeout", type=float, help="seconds one round of one cell may take before it is failed")
-    run.add_argument("--quick", action="store_true", help="small matrix: reference vs naive, mlp-64mib, pools 1,2,4, batches 8,32")
+    run.add_argument("--quick", action="store_true", help="small matrix: reference vs naive and the other installed implementations, mlp-64mib, pools 4,1, batches 8,32")
     run.add_argument("--ray-address", help="use this existing Ray cluster instead of starting a private one")
     run.add_argument("--out", help="results file (default results/bench/run-<time>.json)")
     run.add_argument("--resume", metavar="FILE", help="complete an interrupted results file (keeps its settings and finished cells)")
@@ -101,11 +101,11 @@ def _settings_from_args(args: argparse.Namespace):
 
     from . import matrix
 
-    installed = []
-    for name in ("reference", "naive"):
-        try:
-            from zcbench.suites.contract import load_implementation
+    from zcbench.suites.contract import REGISTRY, load_implementation
 
+    installed = []
+    for name in REGISTRY:
+        try:
             load_implementation(name)
             installed.append(name)
         except Exception:  # noqa: BLE001 - an adapter that does not import is simply not installed

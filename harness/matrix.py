@@ -10,6 +10,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
 from zcbench.suites.cases import MIXED, ModelCase, blob_case
 
 VALID_POOLS = (1, 2, 4, 8)
@@ -17,6 +20,9 @@ VALID_BATCHES = (1, 8, 32, 128)
 VALID_DEVICES = ("cpu", "cuda")
 MAX_BLOB_MIB = 1024
 _BLOB = re.compile(r"^mlp-(\d+)mib$")
+MAX_TENSORS = 20000
+TENSOR_WIDTH = 1024  # float32 elements per tensor: 4 KiB each
+_TENSORS = re.compile(r"^tensors-(\d+)$")
 
 
 class MatrixError(ValueError):
@@ -50,18 +56,55 @@ class Settings:
 
 
 def quick_settings(installed: list[str]) -> Settings:
-    """A small matrix for 2 idle cores: ``installed`` implementations (the CLI passes reference and naive),
-    one 64 MiB model, pools 4,2,1 (largest first: an interrupted run still has the main comparison),
+    """A small matrix for 2 idle cores: the ``installed`` implementations (reference and naive first),
+    one 64 MiB model, pools 4,1 (largest first: an interrupted run still has the main comparison),
     batches 8,32, two rounds."""
     impls = [n for n in ("reference", "naive") if n in installed] + [
         n for n in installed if n not in ("reference", "naive")
     ]
-    return Settings(impls=impls, models=["mlp-64mib"], pools=[4, 2, 1], batches=[8, 32], rounds=2, warmup=0, rows=256,
+    return Settings(impls=impls, models=["mlp-64mib"], pools=[4, 1], batches=[8, 32], rounds=2, warmup=0, rows=256,
                     cell_timeout_s=600.0, quick=True)
 
 
+class ManyTensors(nn.Module):
+    """``n`` small parameters (4 KiB each): load cost per tensor, not per byte, dominates.
+
+    Output column ``i`` is the input's dot product with tensor ``i``, so every tensor shapes the output.
+    """
+
+    def __init__(self, n: int, width: int = TENSOR_WIDTH):
+        super().__init__()
+        self.tensors = nn.ParameterList(nn.Parameter(torch.randn(width)) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x @ t for t in self.tensors], dim=1)
+
+
+def build_many_tensors(n: int) -> nn.Module:
+    torch.manual_seed(0)
+    return ManyTensors(n).eval()
+
+
+def _many_tensors_inputs() -> tuple:
+    return (torch.randn(8, TENSOR_WIDTH, generator=torch.Generator().manual_seed(2)),)
+
+
+def tensors_case(n: int) -> ModelCase:
+    """``tensors-<n>``: n parameters of 1024 float32, inputs of width 1024 like the blob MLPs."""
+    from functools import partial
+
+    return ModelCase(f"tensors-{n}", partial(build_many_tensors, n), _many_tensors_inputs)
+
+
 def resolve_model(name: str) -> ModelCase:
-    """``mlp-<N>mib`` (a blob MLP, N ≤ 1024), ``mixed``, or a real architecture from zcbench.suites.models."""
+    """``mlp-<N>mib`` (a blob MLP, N ≤ 1024), ``tensors-<N>`` (N 4-KiB tensors, N ≤ 20000), ``mixed``,
+    or a real architecture from zcbench.suites.models."""
+    m = _TENSORS.match(name)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= MAX_TENSORS:
+            raise MatrixError(f"model {name!r}: tensor count must be 1..{MAX_TENSORS}")
+        return tensors_case(n)
     m = _BLOB.match(name)
     if m:
         mib = int(m.group(1))
@@ -84,7 +127,7 @@ def resolve_model(name: str) -> ModelCase:
                 return real[name]
         except (KeyError, ValueError, LookupError):
             pass
-    raise MatrixError(f"unknown model {name!r}: use mlp-<N>mib (N in 1..{MAX_BLOB_MIB}), {MIXED.name!r}, or one of {real_model_names()}")
+    raise MatrixError(f"unknown model {name!r}: use mlp-<N>mib (N in 1..{MAX_BLOB_MIB}), tensors-<N> (N in 1..{MAX_TENSORS}), {MIXED.name!r}, or one of {real_model_names()}")
 
 
 def real_model_names() -> list[str]:

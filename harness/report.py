@@ -94,6 +94,72 @@ def plot_load(cells: list[dict[str, Any]], styles: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _tensor_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in cells if c["params"]["model"].startswith("tensors-") and "num_tensors" in c["metrics"]]
+
+
+def plot_load_vs_tensors(cells: list[dict[str, Any]], styles: dict, path: Path) -> None:
+    """Cold and warm load time vs number of tensors (log x), one line per implementation."""
+    import matplotlib.pyplot as plt
+
+    mine = _tensor_cells(cells)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for metric, ls, fill, tag in (("load_cold_s", "-", None, "cold"), ("load_warm_s", ":", "none", "warm")):
+        for impl, pts in _series(mine, "num_tensors", metric).items():
+            ax.plot([x for x, _ in pts], [v * 1000 for _, v in pts], ls=ls, mfc=fill, ms=8, label=f"{impl} ({tag})", **styles[impl])
+    counts = sorted({int(_val(c, "num_tensors")) for c in mine})
+    ax.set_xscale("log")
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set(title="Load time in a fresh actor vs number of tensors (4 KiB each)", xlabel="tensors in the model (log scale)",
+           ylabel="load time (ms)", ylim=(0, None))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _node_metrics(cell: dict[str, Any]) -> dict[int, float]:
+    from .cells import NODE_METRIC_PREFIX
+
+    n = len(NODE_METRIC_PREFIX)
+    return {int(k[n:]): m["value"] for k, m in cell["metrics"].items() if k.startswith(NODE_METRIC_PREFIX) and k[n:].isdigit()}
+
+
+def plot_store_per_node(cells: list[dict[str, Any]], styles: dict, path: Path) -> None:
+    """Object store bytes each node gained, grouped by node, one bar per implementation; one panel per model
+    (largest pool of that model), with the model size as the one-copy-per-node reference."""
+    import matplotlib.pyplot as plt
+
+    mine = [c for c in cells if _node_metrics(c)]
+    models = list(dict.fromkeys(c["params"]["model"] for c in mine))
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 4.5 * len(models)), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        of_model = [c for c in mine if c["params"]["model"] == model]
+        pool = max(c["params"]["pool"] for c in of_model)
+        by_impl: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for c in of_model:
+            if c["params"]["pool"] == pool:
+                for node, v in _node_metrics(c).items():
+                    by_impl[c["params"]["impl"]][node].append(v)
+        nodes = sorted({n for per in by_impl.values() for n in per})
+        width = 0.8 / max(1, len(by_impl))
+        for j, (impl, per) in enumerate(by_impl.items()):
+            xs = [i + (j - (len(by_impl) - 1) / 2) * width for i in range(len(nodes))]
+            ys = [statistics.median(per[n]) / MiB if per.get(n) else 0.0 for n in nodes]
+            ax.bar(xs, ys, width=width, color=styles[impl]["color"], label=impl)
+        size = statistics.median(_val(c, "model_bytes") for c in of_model) / MiB
+        ax.axhline(size, color="grey", ls="--", label=f"one copy per node ({size:.1f} MiB)")
+        ax.set_xticks(range(len(nodes)), [f"node {n}" + (" (driver)" if n == 0 else "") for n in nodes])
+        ax.set(title=f"{model}, pool {pool}", ylabel="object store MiB added", ylim=(0, None))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle("Object store bytes per node")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_throughput(cells: list[dict[str, Any]], model: str, styles: dict, path: Path) -> None:
     """Steady throughput vs batch size, one panel per pool size, IQR as error bars."""
     import matplotlib.pyplot as plt
@@ -193,6 +259,9 @@ def markdown(doc: dict[str, Any], figures: list[str]) -> str:
         "- Each round of a cell: wrap in the driver (time; clean peak growth: `5` → /proc/self/clear_refs, then VmHWM);"
         " load in a fresh Ray actor (cold = first on the node; warm = the next ones); first forward pass on one batch;"
         " USS/PSS per actor from psutil/smaps after load and after inference; the node's object store bytes from the raylet.",
+        "- Scale: `tensors-<N>` models hold N parameters of 4 KiB (load time vs tensor count); `store_bytes_node<i>`"
+        " is what each node's object store gained by the time the pool had loaded (node 0 = the driver's node; asked"
+        " of every alive raylet), `num_nodes` the cluster's alive nodes.",
         "- Pool total = Σ per-actor USS + object-store bytes the model added, counted once (never ΣRSS).",
         "- Throughput: the seed's Ray Data pipeline, parquet in → map_batches(ActorPoolStrategy(size=pool), fractional"
         " num_cpus) → parquet out; rows/s between the first batch's start and the last batch's end inside the actors."
@@ -228,6 +297,14 @@ def write_report(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     p = out_dir / "load_vs_model_size.png"
     plot_load(cells, styles, p)
     figures.append(p)
+    if _tensor_cells(cells):
+        p = out_dir / "load_vs_tensor_count.png"
+        plot_load_vs_tensors(cells, styles, p)
+        figures.append(p)
+    if any(_node_metrics(c) for c in cells):
+        p = out_dir / "store_bytes_per_node.png"
+        plot_store_per_node(cells, styles, p)
+        figures.append(p)
     md = out_dir / "report.md"
     md.write_text(markdown(doc, [str(f) for f in figures]))
     return [md, *figures]

@@ -288,15 +288,22 @@ def test_cli_run_quick_and_resume_with_a_fake_runner(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "SubprocessRunner", fake)
     out = tmp_path / "quick.json"
-    assert cli.main(["run", "--quick", "--out", str(out)]) == cli.EXIT_INTERRUPTED
+    argv = ["run", "--quick", "--impl", "reference", "--impl", "naive", "--out", str(out)]
+    assert cli.main(argv) == cli.EXIT_INTERRUPTED
     first = schema.load(out)
     assert first["settings"]["quick"] and first["settings"]["impls"] == ["reference", "naive"]
     assert {i["name"] for i in first["implementations"]} == {"reference", "naive"}
     assert not first["complete"] and sum(c["status"] == "ok" for c in first["cells"]) == 2
     assert cli.main(["run", "--resume", str(out)]) == 0
     done = schema.load(out)
-    assert done["complete"] and done["run_id"] == first["run_id"] and len(done["cells"]) == 12
-    assert len(runners[1].calls) == (6 - 1) * 2 * 2  # five points left, two impls, two rounds
+    assert done["complete"] and done["run_id"] == first["run_id"] and len(done["cells"]) == 8
+    assert len(runners[1].calls) == (4 - 1) * 2 * 2  # three points left, two impls, two rounds
+
+
+def test_quick_matrix_takes_every_installed_implementation():
+    settings = cli._settings_from_args(cli.build_parser(load_conformance=False).parse_args(["run", "--quick"]))
+    assert settings.impls[:2] == ["reference", "naive"]
+    assert set(settings.impls) >= {"reference", "naive", "ray-builtin", "ray-zerocopy", "torch-mmap"}
 
 
 def test_conformance_subcommand_is_wired_lazily():
