@@ -118,13 +118,11 @@ class ModelWrapper:
         """
         if self.info.mode == "task":
             return TaskModel(self, self.info.methods, task_options)
-        if device is None:
-            device = gpu.default_here()
-        if device is not None and _resolve_device(device).type == "cuda":
-            return gpu.load(self, _resolve_device(device), isolation, timeout_s)
+        target = _resolve_device(gpu.default_here() if device is None else device)
+        if target.type == "cuda":
+            return gpu.load(self, target, isolation, timeout_s)
         if isolation not in _ISOLATIONS:
             raise ValueError(f"unknown isolation {isolation!r}; expected one of {', '.join(_ISOLATIONS)}")
-        target = _resolve_device(device)
         payload = self._fetch(timeout_s)
         return unpack(payload, storages_from(self._buffers(payload, isolation)), target)
 
