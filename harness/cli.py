@@ -8,6 +8,7 @@ unreachable Ray address), 130 interrupted (finished cells are saved).
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -216,6 +217,10 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zcbench`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    # Local test clusters need no token auth (Ray 2.60 enables it by default); every
+    # measuring subprocess inherits these before it imports ray.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The conformance module (and what it imports) is loaded only for that subcommand.
     args = build_parser(load_conformance=bool(argv) and argv[0] == "conformance").parse_args(argv)
     handler = {"main": cmd_main, "run": cmd_run, "report": cmd_report, "compare": cmd_compare, "conformance": cmd_conformance}[args.command]
