@@ -16,12 +16,14 @@ class NaiveCopyImpl:
 
     ``wrap`` cloudpickles the whole model (weights included) into one bytes object in
     the object store; ``load`` unpickles it, so each actor owns a full private copy and
-    writes stay private by construction.
+    writes stay private by construction. It declares ``zero_copy`` on purpose: the
+    baseline exists so the zero-copy checks run against a copying implementation and
+    show it failing (each actor holds the whole model in private memory).
     """
 
     name = "naive"
     version = ray.__version__  # nothing of its own: it is plain Ray + cloudpickle
-    capabilities = Capabilities(cpu=True, cuda=False, task_mode=False, zero_copy=False, write_policy="copy")
+    capabilities = Capabilities(cpu=True, cuda=False, task_mode=False, zero_copy=True, write_policy="copy")
 
     def wrap(self, obj: Any, mode: str = "actor") -> ray.ObjectRef:
         if mode != "actor":
