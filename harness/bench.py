@@ -53,13 +53,15 @@ def process_env(worker_env: dict[str, str]) -> dict[str, str]:
 class WorkerProcess:
     """One measuring process (``python -m zcbench.harness.worker``) speaking JSON lines."""
 
-    def __init__(self, env_overrides: dict[str, str], ray_address: str | None, command: list[str] | None = None):
+    def __init__(self, env_overrides: dict[str, str], ray_address: str | None, command: list[str] | None = None,
+                 nodes: int = 1):
         env = dict(os.environ)
         if ZERO_COPY_ENV not in env_overrides:
             env.pop(ZERO_COPY_ENV, None)
         env.update(env_overrides)
         if ray_address:
             env["ZCBENCH_RAY_ADDRESS"] = ray_address
+        env["ZCBENCH_NODES"] = str(nodes)
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"zcbench-worker-{os.getpid()}-{uuid.uuid4().hex[:6]}.log", "w")
         self.proc = subprocess.Popen(
             command or [sys.executable, "-m", "zcbench.harness.worker"],
@@ -123,10 +125,11 @@ class SubprocessRunner:
     """One measuring process per driver environment, started on first use and restarted after a failure."""
 
     def __init__(self, envs: dict[str, dict[str, str]], ray_address: str | None = None, start_timeout_s: float = 180.0,
-                 command: list[str] | None = None):
+                 command: list[str] | None = None, nodes: int = 1):
         self.envs = envs  # implementation name -> environment overrides
         self.command = command  # tests substitute a fake measuring process
         self.ray_address = ray_address
+        self.nodes = nodes
         self.start_timeout_s = start_timeout_s
         self.workers: dict[tuple, WorkerProcess] = {}
 
@@ -134,7 +137,7 @@ class SubprocessRunner:
         key = tuple(sorted(self.envs.get(impl, {}).items()))
         w = self.workers.get(key)
         if w is None or w.proc.poll() is not None:
-            w = WorkerProcess(dict(key), self.ray_address, self.command)
+            w = WorkerProcess(dict(key), self.ray_address, self.command, self.nodes)
             hello = w.receive(self.start_timeout_s)
             if not hello.get("ok"):
                 w.kill()

@@ -1,8 +1,9 @@
 """Measure one cell, one round, in the process that owns the Ray driver (see worker.py).
 
-Wrap in the driver (time and clean peak memory growth), load in fresh actors (cold:
-the first on the node; warm: the next ones), first forward pass, per-actor USS/PSS
-after load and after inference, the node's object store bytes, then the Ray Data pipeline.
+Wrap in the driver (time and clean peak memory growth), load in fresh actors spread
+round-robin over the alive nodes (cold: the first on each node; warm: the next ones),
+first forward pass, per-actor USS/PSS after load and after inference, each node's object
+store bytes, then the Ray Data pipeline.
 """
 
 from __future__ import annotations
@@ -93,28 +94,21 @@ def _first_forward(model: Any, method: str, inputs: tuple) -> float:
     return time.perf_counter() - start
 
 
-def _store_bytes() -> int:
-    node = ray.get_runtime_context().get_node_id()
-    return probes.store_bytes_by_node().get(node, 0)
-
-
-def settled_store_bytes(timeout_s: float = 5.0, interval_s: float = 0.25) -> dict[str, int]:
-    """Per-node store bytes once two readings agree: the previous cell's objects are freed
-    asynchronously, and a baseline taken mid-free makes this cell's bytes look smaller (even zero)."""
-    last = probes.store_bytes_by_node()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        time.sleep(interval_s)
-        now = probes.store_bytes_by_node()
-        if now == last:
-            break
-        last = now
-    return last
-
-
 def node_order(node_ids: list[str], driver_node: str) -> list[str]:
     """The driver's node first, then the others by id: stable across the rounds of one cluster."""
     return sorted(node_ids, key=lambda n: (n != driver_node, n))
+
+
+def placement(pool: int, nodes: list[str]) -> tuple[list[str], list[str]]:
+    """Nodes of the cold actors (the first on each node the pool uses) and of the warm ones.
+
+    The pool is spread round-robin over ``nodes`` (driver's first). At least one warm
+    actor is always placed, even when the pool is only cold actors: the caller kills the
+    surplus after timing its load.
+    """
+    cold = nodes[: min(pool, len(nodes))]
+    warm = [nodes[i % len(nodes)] for i in range(len(cold), max(pool, len(cold) + 1))]
+    return cold, warm
 
 
 def per_node_metrics(before: dict[str, int], after: dict[str, int], driver_node: str) -> dict[str, float]:
@@ -140,42 +134,44 @@ def measure(impl: Implementation, params: dict[str, Any], rows: int, seed: int, 
     m: dict[str, float] = {"model_bytes": model_bytes(original), "num_tensors": sum(1 for _ in probes.named_tensors(original))}
 
     driver_node = ray.get_runtime_context().get_node_id()
-    nodes_before = settled_store_bytes()
-    store_before = nodes_before.get(driver_node, 0)
+    nodes_before = probes.settled_store_bytes_by_node(quiet_s=1.0, timeout_s=8.0)
+    store_before = sum(nodes_before.values())
     _reset_peak()
     rss_before = _status_kib("VmRSS")
     start = time.perf_counter()
     wrapped = impl.wrap(original, "actor")
     m["wrap_s"] = time.perf_counter() - start
     m["wrap_peak_bytes"] = max(0, _status_kib("VmHWM") - rss_before)
-    store_wrap = _store_bytes() - store_before
-    pool_actors: list[Any] = []
+    store_wrap = probes.store_bytes() - store_before
+    cold_nodes, warm_nodes = placement(pool, node_order(list(nodes_before), driver_node))
     spawned: list[Any] = []
     try:
-        pool_actors = actors.spawn(impl, wrapped, 1, device=device)  # cold: first load on the node
-        spawned += pool_actors
-        extra = actors.spawn(impl, wrapped, max(pool - 1, 1), device=device)  # warm: pages already there
-        spawned += extra
-        reports = ray.get([a.load_report.remote() for a in pool_actors + extra])
-        m["load_cold_s"] = reports[0]["load_s"]
-        m["load_warm_s"] = _median([r["load_s"] for r in reports[1:]])
-        if pool == 1:
-            actors.kill(extra)  # it only timed a warm load; the pool is one actor
-            spawned = pool_actors
-            reports = reports[:1]
-        else:
-            pool_actors += extra
+        # Cold: the first load on each node (its bytes may still have to reach that node's store).
+        cold = [a for n in cold_nodes for a in actors.spawn(impl, wrapped, 1, device=device, wait=False, node=n)]
+        spawned += cold
+        ray.get([a.pid.remote() for a in cold])
+        # Warm: the pages are already in the node's store.
+        warm = [a for n in warm_nodes for a in actors.spawn(impl, wrapped, 1, device=device, wait=False, node=n)]
+        spawned += warm
+        reports = ray.get([a.load_report.remote() for a in cold + warm])
+        m["load_cold_s"] = _median([r["load_s"] for r in reports[: len(cold)]])
+        m["load_warm_s"] = _median([r["load_s"] for r in reports[len(cold) :]])
+        surplus = len(cold) + len(warm) - pool
+        if surplus:
+            actors.kill(warm[-surplus:])  # they only timed a warm load; the pool is smaller
+            spawned = spawned[:-surplus]
+        pool_actors, reports = spawned, reports[:pool]
         m["actor_uss_load_bytes"] = _median([r["after"]["uss"] for r in reports])
         m["actor_pss_load_bytes"] = _median([r["after"]["pss"] for r in reports])
         m["first_forward_s"] = _median(ray.get([a.apply.remote(_first_forward, case.method, sample) for a in pool_actors]))
         mems = ray.get([a.memory.remote() for a in pool_actors])
         nodes_loaded = probes.store_bytes_by_node()
-        store_loaded = nodes_loaded.get(driver_node, 0) - store_before
+        store_loaded = sum(nodes_loaded.values()) - store_before
         m.update(per_node_metrics(nodes_before, nodes_loaded, driver_node))
         m["actor_uss_infer_bytes"] = _median([x["uss"] for x in mems])
         m["actor_pss_infer_bytes"] = _median([x["pss"] for x in mems])
         m["actor_store_pss_bytes"] = _median([x["store_pss"] for x in mems])
-        # Shared store bytes counted once; per-actor USS summed (USS is private, so the sum is honest).
+        # Shared store bytes counted once per node; per-actor USS summed (USS is private, so the sum is honest).
         m["store_bytes"] = max(store_wrap, store_loaded, 0)
         m["pool_uss_sum_bytes"] = sum(x["uss"] for x in mems)
         m["pool_pss_sum_bytes"] = sum(x["pss"] for x in mems)

@@ -50,6 +50,7 @@ def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--cell-timeout", type=float, help="seconds one round of one cell may take before it is failed")
     run.add_argument("--quick", action="store_true", help="small matrix: reference vs naive and the other installed implementations, mlp-64mib, pools 4,1, batches 8,32")
     run.add_argument("--ray-address", help="use this existing Ray cluster instead of starting a private one")
+    run.add_argument("--nodes", type=int, help="simulate this many nodes (each with its own object store) in the private cluster; the pool is spread over them")
     run.add_argument("--out", help="results file (default results/bench/run-<time>.json)")
     run.add_argument("--resume", metavar="FILE", help="complete an interrupted results file (keeps its settings and finished cells)")
 
@@ -122,6 +123,8 @@ def _settings_from_args(args: argparse.Namespace):
         if value is not None:
             setattr(s, attr, value)
     s.ray_address = args.ray_address
+    if args.nodes is not None:
+        s.nodes = args.nodes
     for name in s.impls:
         try:
             resolve_spec(name)
@@ -160,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.ray_address:
         check_ray_address(settings.ray_address)
     envs = {i["name"]: i["process_env"] for i in doc["implementations"]}
-    runner = bench.SubprocessRunner(envs, settings.ray_address)
+    runner = bench.SubprocessRunner(envs, settings.ray_address, nodes=settings.nodes)
     print(f"zcbench: {len(doc['cells'])} cells -> {out}", file=sys.stderr, flush=True)
     try:
         bench.run_matrix(doc, runner, out)

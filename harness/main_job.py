@@ -47,7 +47,7 @@ def _pool_headline(doc: dict[str, Any]) -> list[str]:
     if not ok:
         return ["no finished benchmark cells"]
     pool = max(c["params"]["pool"] for c in ok)
-    lines = [f"| implementation | pool | load warm (ms) | USS/actor (MiB) | pool total (MiB) | rows/s | audit |", "|---|---|---|---|---|---|---|"]
+    lines = ["| implementation | pool | load warm (ms) | USS/actor (MiB) | pool total (MiB) | rows/s | audit |", "|---|---|---|---|---|---|---|"]
     for c in ok:
         if c["params"]["pool"] != pool:
             continue

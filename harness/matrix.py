@@ -15,9 +15,11 @@ from torch import nn
 
 from zcbench.suites.cases import MIXED, ModelCase, blob_case
 
-VALID_POOLS = (1, 2, 4, 8)
+VALID_POOLS = (1, 2, 4, 8, 16)
 VALID_BATCHES = (1, 8, 32, 128)
 VALID_DEVICES = ("cpu", "cuda")
+#: Simulated nodes share one host: each costs a raylet, a store and its workers.
+MAX_NODES = 8
 MAX_BLOB_MIB = 1024
 _BLOB = re.compile(r"^mlp-(\d+)mib$")
 MAX_TENSORS = 20000
@@ -45,6 +47,7 @@ class Settings:
     cell_timeout_s: float = 300.0
     ray_address: str | None = None
     quick: bool = False
+    nodes: int = 1  # simulated nodes of the private cluster (each with its own object store)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,6 +173,10 @@ def validate(settings: Settings, cuda_available: bool | None = None) -> None:
         raise MatrixError("--warmup must be 0 or more")
     if settings.rows < 1:
         raise MatrixError("--rows must be at least 1")
+    if not 1 <= settings.nodes <= MAX_NODES:
+        raise MatrixError(f"--nodes must be between 1 and {MAX_NODES} (simulated nodes on this host), not {settings.nodes}")
+    if settings.nodes > 1 and settings.ray_address:
+        raise MatrixError("--nodes simulates nodes in a private cluster; with --ray-address the cluster's own nodes are used")
 
 
 def cell_id(params: dict[str, Any]) -> str:

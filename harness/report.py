@@ -215,10 +215,13 @@ def markdown(doc: dict[str, Any], figures: list[str]) -> str:
         "",
         f"- Machine: {mach['cpu_model']}, {mach['cores_physical']} cores / {mach['cores_logical']} threads, "
         f"{mach['ram_bytes'] / 2**30:.1f} GiB RAM, GPU: {', '.join(mach.get('gpus') or []) or 'none'}",
-        f"- Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
         f"- Commit: `{doc['commit'].get('sha')}`{' (uncommitted changes)' if doc['commit'].get('dirty') else ''}",
         f"- Settings: rounds {s['rounds']} (+{s['warmup']} warm-up), rows {s.get('rows')}, seed {s['seed']}, "
         f"models {', '.join(s['models'])}, pools {s['pools']}, batches {s['batches']}, devices {s['devices']}",
+        "- Cluster: " + (f"existing, at {s['ray_address']}" if s.get("ray_address") else
+                         f"private, {s.get('nodes', 1)} simulated node(s) on this host, each with its own object store"
+                         if s.get("nodes", 1) > 1 else "private, one local node"),
         "",
         "## Verdict per implementation",
         "",

@@ -21,6 +21,8 @@ def main() -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # libraries that print must not corrupt the protocol
     address = os.environ.get("ZCBENCH_RAY_ADDRESS") or None
+    nodes = int(os.environ.get("ZCBENCH_NODES") or 1)  # > 1: simulated nodes in a private cluster
+    cluster = None
     workdir = Path(tempfile.mkdtemp(prefix="zcbench-bench-"))
 
     def reply(obj: dict) -> None:
@@ -29,11 +31,14 @@ def main() -> int:
     try:
         import ray
 
-        from zcbench.suites.cluster import ensure_ray
+        from zcbench.suites.cluster import ensure_ray, start_simulated_cluster
 
         for attempt in range(3):
             try:
-                ensure_ray(address)
+                if nodes > 1:
+                    cluster = start_simulated_cluster(nodes)
+                else:
+                    ensure_ray(address)
                 break
             except Exception:
                 # Ray waits only 30 s (hard-coded) for its raylet; a loaded machine can be slower.
@@ -41,7 +46,8 @@ def main() -> int:
                 if address or attempt == 2:
                     raise
 
-        reply({"ok": True, "ready": True, "ray": ray.__version__, "zero_copy_env": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS")})
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        reply({"ok": True, "ready": True, "ray": ray.__version__, "nodes": alive, "zero_copy_env": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS")})
     except Exception as exc:  # e.g. a Ray address that does not answer
         reply({"ok": False, "ready": False, "error": f"cannot start or reach Ray: {exc}"})
         return 2
@@ -66,6 +72,9 @@ def main() -> int:
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
+    if cluster is not None:
+        ray.shutdown()
+        cluster.shutdown()
     return 0
 
 

@@ -33,3 +33,7 @@ class IsolationUnavailableError(ZeroCopyError, RuntimeError):
 
 class ModelLostError(ZeroCopyError, RuntimeError):
     """The shared weights are no longer in the object store (their owner died or freed them)."""
+
+
+class StoreCapacityError(ZeroCopyError, RuntimeError):
+    """The model's weights are larger than the object store of the node that would hold them."""

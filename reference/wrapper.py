@@ -11,7 +11,13 @@ import ray
 import torch
 
 from . import cow, gpu
-from .errors import DeviceUnavailableError, IsolationUnavailableError, ModelLostError, UnknownModeError
+from .errors import (
+    DeviceUnavailableError,
+    IsolationUnavailableError,
+    ModelLostError,
+    StoreCapacityError,
+    UnknownModeError,
+)
 from .packing import Payload, pack
 from .task_mode import TaskModel
 from .unpacking import storages_from, unpack
@@ -77,6 +83,8 @@ class ModelWrapper:
         in attributes, lists, tuples or dicts. ``share_driver_model=True`` also re-points
         the driver's own tensors at (copy-on-write views of) the stored bytes, so the node
         holds exactly one copy; the driver's model must then be on the CPU.
+        Raises :class:`StoreCapacityError` before anything is stored if the weights are
+        larger than this node's object store.
         """
         if mode not in _MODES:
             raise UnknownModeError(f"unknown mode {mode!r}; expected one of {', '.join(map(repr, _MODES))}")
@@ -89,6 +97,7 @@ class ModelWrapper:
             num_storages=len(payload.storages),
             methods=payload.methods,
         )
+        _check_fits(info)
         wrapper = cls(ray.put(payload), info)
         if share_driver_model:
             wrapper._repoint(originals)
@@ -169,6 +178,25 @@ class ModelWrapper:
             for t, spec in zip(originals, payload.specs):
                 view = torch.empty(0, dtype=spec.dtype).set_(storages[spec.storage], spec.offset, spec.shape, spec.stride)
                 t.data = view
+
+
+def _check_fits(info: WrapperInfo) -> None:
+    # Ray would accept a bigger object into a disk-backed fallback file: slow, and every
+    # actor's first touch reads from disk. Better to say so before any actor starts.
+    if not ray.is_initialized():
+        ray.init()  # what ray.put would do anyway
+    here = ray.get_runtime_context().get_node_id()
+    capacity = next(
+        (int(n["Resources"].get("object_store_memory", 0)) for n in ray.nodes() if n["NodeID"] == here and n["Alive"]),
+        0,
+    )
+    if capacity and info.nbytes > capacity:
+        need = -(-int(info.nbytes * 1.1) // 2**20)
+        raise StoreCapacityError(
+            f"{info.name} has {info.nbytes / 2**20:.1f} MiB of weights but this node's object store holds "
+            f"{capacity / 2**20:.1f} MiB; start Ray with a larger store (ray.init(object_store_memory={need} * 2**20) "
+            f"or ray start --object-store-memory={need * 2**20}) or make the model smaller (e.g. a lower precision)"
+        )
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -67,14 +67,23 @@ def spawn(
     num_gpus: float = 0,
     resources: dict[str, float] | None = None,
     wait: bool = True,
+    node: str | None = None,
 ) -> list[Any]:
-    """Start ``count`` actors that each load ``wrapped``; wait until all loaded."""
+    """Start ``count`` actors that each load ``wrapped``; wait until all loaded.
+
+    ``node`` (a node id) places them on that node when it has room (soft affinity: a
+    node that cannot host them never hangs the caller).
+    """
     env = dict(impl.capabilities.worker_env)
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if env:
         options["runtime_env"] = {"env_vars": env}
     if resources:
         options["resources"] = resources
+    if node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
     actors = [LoadedModel.options(**options).remote(impl.spec, [wrapped], device) for _ in range(count)]
     if wait:
         ray.get([a.pid.remote() for a in actors])

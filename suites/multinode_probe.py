@@ -46,19 +46,15 @@ def one_copy_per_node(impl, model_mib: int, store_mib: int) -> dict[str, Any]:
     """Wrap on node A, load once on A and twice on B; report outputs, residency and store bytes per node."""
     import ray
     import torch
-    from ray.cluster_utils import Cluster
 
     from zcbench.suites import actors, probes
     from zcbench.suites.cases import blob_case
+    from zcbench.suites.cluster import start_simulated_cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"node_a": 1}, "object_store_memory": store_mib * MiB},
+    cluster = start_simulated_cluster(
+        2, num_cpus=2, store_bytes=store_mib * MiB, resources=[{"node_a": 1}, {"node_b": 1}]
     )
-    cluster.add_node(num_cpus=2, resources={"node_b": 1}, object_store_memory=store_mib * MiB)
-    cluster.wait_for_nodes()
     try:
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         node_a = ray.get_runtime_context().get_node_id()  # the driver connects to the head
         node_b = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != node_a)
         case = blob_case(model_mib)

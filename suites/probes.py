@@ -10,7 +10,7 @@ every process that touches it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -149,3 +149,49 @@ def store_bytes_by_node() -> dict[str, int]:
         reply = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
         used[node["NodeID"]] = int(reply.store_stats.object_store_bytes_used)
     return used
+
+
+def store_bytes() -> int:
+    """Bytes used in the object stores of all alive nodes."""
+    return sum(store_bytes_by_node().values())
+
+
+def settled_store_bytes_by_node(quiet_s: float = 2.0, timeout_s: float = 15.0) -> dict[str, int]:
+    """Per-node store bytes once no node's value has moved for ``quiet_s``.
+
+    Frees reach the raylets asynchronously (seconds on a loaded machine): a baseline
+    taken in the middle of one would hide growth, or a leak of the same size.
+    """
+    import gc
+    import time
+
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    last = store_bytes_by_node()
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+        time.sleep(0.25)
+        now = store_bytes_by_node()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    return last
+
+
+def settled_store_bytes(quiet_s: float = 2.0, timeout_s: float = 15.0) -> int:
+    """Bytes in all object stores once pending frees are done (see :func:`settled_store_bytes_by_node`)."""
+    return sum(settled_store_bytes_by_node(quiet_s, timeout_s).values())
+
+
+def wait_store_bytes(ok: Callable[[int], bool], timeout_s: float = 20.0) -> int:
+    """Poll the stores' total bytes until ``ok(total)`` holds or the time is up; return the last total."""
+    import gc
+    import time
+
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    value = store_bytes()
+    while not ok(value) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        gc.collect()
+        value = store_bytes()
+    return value

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from zcbench.harness import bench, cli, compare, report, schema
-from zcbench.harness.matrix import Settings, cell_id
+from zcbench.harness.matrix import Settings
 from zcbench.harness.stats import percentile, summarize
 
 MiB = 2**20

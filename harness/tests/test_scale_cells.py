@@ -116,3 +116,13 @@ def test_schema_rejects_non_numeric_node_metric():
     bad["cells"][0]["metrics"]["store_bytes_node0"]["value"] = {"node-a": 1}
     with pytest.raises(schema.ResultsError):
         schema.validate(bad)
+
+
+def test_placement_spreads_the_pool_and_always_times_a_warm_load():
+    one, three = ["drv"], ["drv", "b", "c"]
+    assert cells.placement(4, one) == (["drv"], ["drv", "drv", "drv"])
+    assert cells.placement(1, one) == (["drv"], ["drv"])  # the warm one is surplus, killed after its load
+    assert cells.placement(4, three) == (["drv", "b", "c"], ["drv"])
+    assert cells.placement(2, three) == (["drv", "b"], ["c"])
+    cold, warm = cells.placement(16, three)
+    assert len(cold) + len(warm) == 16 and {n: (cold + warm).count(n) for n in three} == {"drv": 6, "b": 5, "c": 5}

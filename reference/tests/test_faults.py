@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 import uuid
-from pathlib import Path
 
 import _refhelp as h
 import numpy as np
@@ -262,18 +261,6 @@ class Cycler:
         return {"fds": me.num_fds(), "uss": me.memory_full_info().uss}
 
 
-def _settled_store(timeout_s: float = 10.0) -> int:
-    gc.collect()
-    last, deadline = sum(probes.store_bytes_by_node().values()), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = sum(probes.store_bytes_by_node().values())
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def test_wrap_load_release_cycles_do_not_leak(ray_session):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 64)).eval()  # ~1.1 MiB
@@ -290,11 +277,11 @@ def test_wrap_load_release_cycles_do_not_leak(ray_session):
             return report
 
         warm = cycles(10)
-        before = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": _settled_store()}
+        before = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": probes.settled_store_bytes()}
         start = time.monotonic()
         last = cycles(100)
         seconds = time.monotonic() - start
-        after = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": _settled_store()}
+        after = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": probes.settled_store_bytes()}
     finally:
         ray.kill(cycler, no_restart=True)
     growth = {k: after[k] - before[k] for k in before}

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import _refhelp as h
 import numpy as np
@@ -25,25 +24,8 @@ h.register(__name__)
 FILL_MIB = 128
 
 
-def _store_used() -> int:
-    return sum(probes.store_bytes_by_node().values())
-
-
-def _settled_store_used(timeout_s: float = 10.0) -> int:
-    """Store bytes once earlier tests' objects have been freed (the value stops moving)."""
-    gc.collect()
-    last, deadline = _store_used(), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = _store_used()
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def test_model_outlives_the_wrapper_and_store_pressure_then_memory_is_released(ray_session):
-    baseline = _settled_store_used()
+    baseline = probes.settled_store_bytes()
     original = cases.build_blob(32)
     x = cases.blob_case(32).inputs()
     with h.like_actor():
@@ -52,7 +34,7 @@ def test_model_outlives_the_wrapper_and_store_pressure_then_memory_is_released(r
     nbytes = wrapper.info.nbytes
     [holder] = h.spawn(wrapper)
     try:
-        assert _store_used() >= 0.99 * nbytes  # earlier tests' leftovers may be freed meanwhile
+        assert probes.store_bytes() >= 0.99 * nbytes  # earlier tests' leftovers may be freed meanwhile
         ray.get(holder.drop_wrapper.remote())
         del wrapper
         gc.collect()
@@ -67,13 +49,7 @@ def test_model_outlives_the_wrapper_and_store_pressure_then_memory_is_released(r
         del fill
     finally:
         h.kill([holder])
-    deadline, used = time.monotonic() + 20, None
-    while time.monotonic() < deadline:
-        gc.collect()
-        used = _store_used()
-        if used <= baseline + h.MiB:
-            break
-        time.sleep(0.5)
+    used = probes.wait_store_bytes(lambda v: v <= baseline + h.MiB, timeout_s=20)
     assert used <= baseline + h.MiB, f"store holds {(used - baseline) / h.MiB:.1f} MiB more than before"
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import probes
 from ..registry import check
-from .zero_copy import loaded, settled_store_bytes
+from .zero_copy import loaded
 
 KiB = 1024
 #: Bytes per test tensor: above Ray's 100 KiB inline limit.
@@ -154,9 +154,9 @@ def check_tied_weights(impl) -> dict[str, Any]:
     """A weight tied between two modules stays one Parameter over one storage, stored once."""
     original = Tied()
     nbytes = original.a.weight.nbytes
-    before = settled_store_bytes()
+    before = probes.settled_store_bytes()
     with loaded(impl, original) as (actor,):
-        grown = settled_store_bytes() - before  # before apply: its reply lands in the store too
+        grown = probes.settled_store_bytes() - before  # before apply: its reply lands in the store too
         report = ray.get(actor.apply.remote(_tie_report))
     assert report["same_object"], "a.weight and b.weight are two objects after load (tied in the original)"
     assert report["same_storage"], "a.weight and b.weight have separate storages after load (tied in the original)"

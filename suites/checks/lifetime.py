@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -47,21 +46,6 @@ def _assert_outputs(pool: list, inputs: tuple, expected: Any, when: str) -> None
             raise AssertionError(f"actor {i} {when}: {exc}") from None
 
 
-def store_bytes() -> int:
-    """Bytes used in the object stores of all alive nodes."""
-    return sum(probes.store_bytes_by_node().values())
-
-
-def _wait_until(measure: Callable[[], int], ok: Callable[[int], bool], timeout_s: float = FREE_TIMEOUT_S) -> int:
-    """Poll ``measure`` until ``ok`` holds or the time is up; return the last value."""
-    deadline = time.monotonic() + timeout_s
-    value = measure()
-    while not ok(value) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        value = measure()
-    return value
-
-
 def _store_counters() -> dict[str, int]:
     """Cumulative bytes created in and spilled from every alive node's store (the raylets' counters)."""
     from ray._private.internal_api import node_stats
@@ -73,23 +57,6 @@ def _store_counters() -> dict[str, int]:
             total["created"] += int(stats.cumulative_created_bytes)
             total["spilled"] += int(stats.spilled_bytes_total)
     return total
-
-
-def settled_store_bytes(quiet_s: float = 2.0, timeout_s: float = 15.0) -> int:
-    """Store bytes once pending frees (e.g. of a previous check's killed actors) are done.
-
-    Waits until the value has not changed for ``quiet_s``: a baseline taken while an
-    earlier object is still being freed would hide a leak of the same size.
-    """
-    deadline = time.monotonic() + timeout_s
-    last = store_bytes()
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
-        time.sleep(0.25)
-        now = store_bytes()
-        if now != last:
-            last, quiet_since = now, time.monotonic()
-    return last
 
 
 def _churn_store(total: int, chunk: int, keep: int) -> int:
@@ -181,18 +148,18 @@ def check_release_after_use(impl: Implementation) -> dict:
     inputs = case.inputs()
     expected = case.run(original, inputs)
     gc.collect()
-    before = settled_store_bytes()
+    before = probes.settled_store_bytes()
     wrapped = impl.wrap(original, "actor")
     pool = actors.spawn(impl, wrapped, 1)
     try:
         _assert_outputs(pool, inputs, expected, "while loaded")
-        in_use = store_bytes()
+        in_use = probes.store_bytes()
     finally:
         actors.kill(pool)
     release(impl, wrapped)
     del wrapped, original, pool
     gc.collect()
-    after = _wait_until(store_bytes, lambda v: v <= before + slack)
+    after = probes.wait_store_bytes(lambda v: v <= before + slack, FREE_TIMEOUT_S)
     assert after <= before + slack, (
         f"object store holds {(after - before) / MiB:.1f} MiB more than before wrap "
         f"({before / MiB:.1f} -> {after / MiB:.1f} MiB) {FREE_TIMEOUT_S:.0f} s after actors were killed, "
@@ -255,14 +222,14 @@ def check_repeated_cycles(impl: Implementation) -> dict:
 
     try:
         cycle(0)  # warm-up: imports, allocator pools, Ray's first-use caches
-        base_store = settled_store_bytes()
+        base_store = probes.settled_store_bytes()
         base_driver = _driver_usage()
         base_actor = ray.get(cycler.usage.remote())
         start = time.perf_counter()
         for i in range(1, n + 1):
             cycle(i)
         elapsed = time.perf_counter() - start
-        store = _wait_until(store_bytes, lambda v: v - base_store <= bounds["store"])
+        store = probes.wait_store_bytes(lambda v: v - base_store <= bounds["store"], FREE_TIMEOUT_S)
         driver = _driver_usage()
         actor = ray.get(cycler.usage.remote())
     finally:

@@ -16,7 +16,6 @@ from .. import actors, probes
 from ..compare import assert_same
 from ..contract import Implementation, release
 from ..registry import check
-from .lifetime import settled_store_bytes
 
 MiB = 2**20
 
@@ -104,11 +103,11 @@ def check_containers(impl: Implementation) -> dict:
         expected = original(x)
     unique = _unique_bytes(original)
     shared = _unique_bytes(original.shared)
-    before = settled_store_bytes()
+    before = probes.settled_store_bytes()
     wrapped = impl.wrap(original, "actor")
     pool = actors.spawn(impl, wrapped, 1)
     try:
-        added = settled_store_bytes() - before
+        added = probes.settled_store_bytes() - before
         got = ray.get(pool[0].apply.remote(_run_containers, x))
     finally:
         actors.kill(pool)

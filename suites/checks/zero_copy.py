@@ -8,8 +8,6 @@ an actor gains by loading, and how many bytes the node's object store holds.
 from __future__ import annotations
 
 import contextlib
-import gc
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,23 +51,6 @@ def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of the distinct storages of ``model`` (tied weights and views counted once)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in probes.named_tensors(model)}
     return sum(storages.values())
-
-
-def settled_store_bytes(quiet_reads: int = 10, timeout_s: float = 8.0) -> int:
-    """Object store bytes over all nodes, once ``quiet_reads`` reads 0.1 s apart agree.
-
-    Frees of earlier objects reach the store asynchronously; measuring in the middle of
-    one would hide growth.
-    """
-    gc.collect()
-    deadline = time.monotonic() + timeout_s
-    reads = [sum(probes.store_bytes_by_node().values())]
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        reads.append(sum(probes.store_bytes_by_node().values()))
-        if len(reads) >= quiet_reads and len(set(reads[-quiet_reads:])) == 1:
-            break
-    return reads[-1]
 
 
 @check("zero_copy.bytes_in_store", requires=("cpu", "zero_copy"))
@@ -141,9 +122,9 @@ def check_store_holds_one_copy(impl) -> dict[str, Any]:
     original = blob_case(32).build()
     nbytes = model_bytes(original)
     slack = 4 * MiB
-    before = settled_store_bytes()
+    before = probes.settled_store_bytes()
     with loaded(impl, original, count=3):
-        grown = settled_store_bytes() - before
+        grown = probes.settled_store_bytes() - before
     assert grown <= 1.25 * nbytes + slack, (
         f"object store grew by {grown / MiB:.1f} MiB ({grown / nbytes:.2f}x) for a {nbytes / MiB:.1f} MiB model "
         f"loaded by 3 actors (bound 1.25x + {slack // MiB} MiB)"

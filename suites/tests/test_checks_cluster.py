@@ -70,7 +70,9 @@ def test_pool_16_actors_passes(ray_session, reference):
 
 def test_near_capacity_passes(reference):
     observed = scale.check_near_capacity(reference)
-    assert observed["wrap_raised"] or observed["store_paths"], observed
+    # The reference refuses before storing anything, naming both sizes (192 MiB model, 128 MiB store).
+    assert observed["wrap_raised"].startswith("StoreCapacityError"), observed
+    assert "192.2 MiB" in observed["wrap_raised"] and "128.0 MiB" in observed["wrap_raised"], observed
 
 
 @pytest.mark.parametrize(
@@ -172,3 +174,6 @@ def test_near_capacity_judgement():
     crashed = {"wrap_raised": None, "load_raised": "RayActorError: died"}
     with pytest.raises(AssertionError, match="then loading failed"):
         scale.judge_near_capacity(crashed, zero_copy=True)
+    unrelated = {"wrap_raised": "TypeError: cannot pickle 'generator' object"}
+    with pytest.raises(AssertionError, match="without naming the object store"):
+        scale.judge_near_capacity(unrelated, zero_copy=True)

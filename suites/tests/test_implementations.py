@@ -6,11 +6,9 @@ what the probes read from /proc, never against what an implementation says.
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import os
 import sys
-import time
 
 import pytest
 import ray
@@ -300,24 +298,6 @@ def test_writes_through_reaches_other_actors(ray_session, pool):
     assert ray.get(b.apply.remote(_first_weight)) == 1234.5  # the reference's own tests show it stays private
 
 
-def _store_used() -> int:
-    return sum(probes.store_bytes_by_node().values())
-
-
-def _stable_store(timeout_s: float = 10.0) -> int:
-    """Store bytes once two readings 0.5 s apart agree (frees from earlier tests are asynchronous)."""
-    gc.collect()
-    deadline = time.monotonic() + timeout_s
-    last = _store_used()
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = _store_used()
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def test_leaks_object_never_frees_the_store(ray_session):
     size = 16 * 2**20
     model = blob_case(16).build()
@@ -325,13 +305,14 @@ def test_leaks_object_never_frees_the_store(ray_session):
     try:
         for name in ("reference", "mutant-leaks-object"):
             impl = load_implementation(name) if name == "reference" else _mutant(name)
-            before = _stable_store()
+            before = probes.settled_store_bytes()
             wrapped = impl.wrap(model)
-            stored = _store_used()
+            stored = probes.store_bytes()
             assert stored - before >= size, name
             release(impl, wrapped)
             del wrapped
-            freed[name] = stored - _stable_store()
+            # Frees are asynchronous: wait for this one (the leak waits in vain for the whole timeout).
+            freed[name] = stored - probes.wait_store_bytes(lambda v, stored=stored: stored - v >= size, timeout_s=20)
     finally:
         _LEAKED.clear()
     assert freed["reference"] >= size and freed["mutant-leaks-object"] < size // 2, freed
