@@ -204,6 +204,10 @@ def _fmt(m: dict[str, Any] | None, scale: float = 1.0, digits: int = 0, spread: 
     return text
 
 
+def _remote(m: dict[str, Any]) -> str:
+    return f" (other nodes {_fmt(m['load_cold_remote_s'], 1e-3, 1)})" if "load_cold_remote_s" in m else ""
+
+
 def markdown(doc: dict[str, Any], figures: list[str]) -> str:
     """The report text: context, verdicts, one results table, failures, figures, method notes."""
     mach, s = doc["machine"], doc["settings"]
@@ -244,7 +248,7 @@ def markdown(doc: dict[str, Any], figures: list[str]) -> str:
         p, m = c["params"], c["metrics"]
         lines.append(
             f"| {p['impl']} | {p['model']} | {p['device']} | {p['pool']} | {p['batch']} | "
-            f"{_fmt(m.get('load_cold_s'), 1e-3, 1)} | {_fmt(m.get('load_warm_s'), 1e-3, 1)} | {_fmt(m.get('first_forward_s'), 1e-3, 1)} | "
+            f"{_fmt(m.get('load_cold_s'), 1e-3, 1)}{_remote(m)} | {_fmt(m.get('load_warm_s'), 1e-3, 1)} | {_fmt(m.get('first_forward_s'), 1e-3, 1)} | "
             f"{_fmt(m.get('actor_uss_infer_bytes'), MiB)} | {_fmt(m.get('pool_total_bytes'), MiB)} | {_fmt(m.get('store_bytes'), MiB, spread=False)} | "
             f"{_fmt(m.get('throughput_rows_s'))} | {_fmt(m.get('pipeline_actors'), spread=False)} | {_fmt(m.get('latency_p50_s'), 1e-3, 1)} | {_fmt(m.get('latency_p99_s'), 1e-3, 1)} | "
             f"{_fmt(m.get('throughput_vs_naive'), digits=2, spread=False)} | {c['validity']} |"
@@ -260,7 +264,7 @@ def markdown(doc: dict[str, Any], figures: list[str]) -> str:
         "## How it was measured",
         "",
         "- Each round of a cell: wrap in the driver (time; clean peak growth: `5` → /proc/self/clear_refs, then VmHWM);"
-        " load in a fresh Ray actor (cold = first on the node; warm = the next ones); first forward pass on one batch;"
+        " load in fresh Ray actors spread round-robin over the nodes (cold = first on the driver's node; with several nodes, in parentheses, the first on each other node, which also waits for the bytes to reach its store; warm = the next ones); first forward pass on one batch;"
         " USS/PSS per actor from psutil/smaps after load and after inference; the node's object store bytes from the raylet.",
         "- Scale: `tensors-<N>` models hold N parameters of 4 KiB (load time vs tensor count); `store_bytes_node<i>`"
         " is what each node's object store gained by the time the pool had loaded (node 0 = the driver's node; asked"

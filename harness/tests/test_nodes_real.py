@@ -39,6 +39,7 @@ def test_two_simulated_nodes_hold_the_model_once_each(tmp_path):
         # Two actors per node: one copy in each node's store, never two.
         assert 0.95 * size <= m[node] <= 1.25 * size, (node, m[node] / size)
     assert m["store_bytes"] >= 1.9 * size  # the pool total counts each node's copy
+    assert m["load_cold_remote_s"] > 0 and m["load_warm_s"] > 0
 
 
 @pytest.mark.parametrize(

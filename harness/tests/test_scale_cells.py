@@ -123,6 +123,7 @@ def test_placement_spreads_the_pool_and_always_times_a_warm_load():
     assert cells.placement(4, one) == (["drv"], ["drv", "drv", "drv"])
     assert cells.placement(1, one) == (["drv"], ["drv"])  # the warm one is surplus, killed after its load
     assert cells.placement(4, three) == (["drv", "b", "c"], ["drv"])
-    assert cells.placement(2, three) == (["drv", "b"], ["c"])
+    assert cells.placement(2, three) == (["drv", "b"], ["drv"])  # the surplus warm one must not be a first load
+    assert cells.placement(1, three) == (["drv"], ["drv"])
     cold, warm = cells.placement(16, three)
     assert len(cold) + len(warm) == 16 and {n: (cold + warm).count(n) for n in three} == {"drv": 6, "b": 5, "c": 5}
