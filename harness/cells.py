@@ -2,9 +2,8 @@
 
 Wrap in the driver (time and clean peak memory growth), load in fresh actors spread
 round-robin over the alive nodes (cold: the first on the driver's node, remote cold: the
-first on each other node; warm: the next ones),
-first forward pass, per-actor USS/PSS after load and after inference, each node's object
-store bytes, then the Ray Data pipeline.
+first on each other node; warm: the next ones), first forward pass, per-actor USS/PSS
+after load and after inference, each node's object store bytes, then the Ray Data pipeline.
 """
 
 from __future__ import annotations
@@ -150,11 +149,14 @@ def measure(impl: Implementation, params: dict[str, Any], rows: int, seed: int, 
     spawned: list[Any] = []
     try:
         # Cold: the first load on each node (its bytes may still have to reach that node's store).
-        cold = [a for n in cold_nodes for a in actors.spawn(impl, wrapped, 1, device=device, wait=False, node=n)]
+        def spawn_on(nodes: list[str]) -> list[Any]:
+            return [a for n in nodes for a in actors.spawn(impl, wrapped, 1, device=device, wait=False, node=n)]
+
+        cold = spawn_on(cold_nodes)
         spawned += cold
         ray.get([a.pid.remote() for a in cold])
         # Warm: the pages are already in the node's store.
-        warm = [a for n in warm_nodes for a in actors.spawn(impl, wrapped, 1, device=device, wait=False, node=n)]
+        warm = spawn_on(warm_nodes)
         spawned += warm
         reports = ray.get([a.load_report.remote() for a in cold + warm])
         # Cold on the driver's node (the bytes are already in its store); on the other nodes
