@@ -2,7 +2,9 @@
 
 Cells are measured by a runner (normally :class:`SubprocessRunner`, one measuring
 process per driver environment). Within each matrix point the implementations take
-turns round by round (A B A B ...), so slow drift of a shared machine hits all alike.
+turns round by round (A B A B ...), so slow drift of a shared machine hits all alike,
+and ratios between implementations are taken per round (paired) before their spread.
+Every results file records the suite fingerprint of the code that measured it.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from zcbench.suites.contract import load_implementation
 
 from . import machine, schema
-from .cells import metric_meta
-from .matrix import Settings, cell_id, cell_keys, resolve_model
+from .matrix import Settings, cell_id, cell_keys, is_steady, rows_for
+from .metrics import metric_meta
+from .progress import Progress
 from .stats import summarize
 
 ZERO_COPY_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
@@ -33,35 +35,32 @@ FINAL = ("ok", "skipped")
 
 
 class Runner(Protocol):
-    """Measures one round of one cell; returns ``{"ok": True, "metrics", "valid", "audit"}`` or ``{"ok": False, "error"}``."""
+    """Measures one round of one cell; returns ``{"ok": True, "metrics", "valid", "audit"}`` or ``{"ok": False, "error"}``.
 
-    def run(self, impl: str, params: dict[str, Any], rows: int, seed: int, timeout_s: float) -> dict[str, Any]: ...
+    ``job`` is :class:`zcbench.harness.cells.Job` as a dict (rows, files, seed, warm-up calls, audit batches).
+    """
+
+    def run(self, impl: str, params: dict[str, Any], job: dict[str, Any], timeout_s: float) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def process_env(worker_env: dict[str, str]) -> dict[str, str]:
-    """The driver environment an implementation's measuring process gets: its worker_env, and
-    no zero-copy switch unless it asks for it (the switch changes what ``ray.put`` does to tensors)."""
-    return dict(worker_env)
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class WorkerProcess:
     """One measuring process (``python -m zcbench.harness.worker``) speaking JSON lines."""
 
     def __init__(self, env_overrides: dict[str, str], ray_address: str | None, command: list[str] | None = None,
-                 nodes: int = 1):
+                 cluster: dict[str, str] | None = None):
         env = dict(os.environ)
-        if ZERO_COPY_ENV not in env_overrides:
+        if ZERO_COPY_ENV not in env_overrides:  # the switch changes what ray.put does to tensors: only who asks gets it
             env.pop(ZERO_COPY_ENV, None)
         env.update(env_overrides)
         if ray_address:
             env["ZCBENCH_RAY_ADDRESS"] = ray_address
-        env["ZCBENCH_NODES"] = str(nodes)
+        env.update(cluster or {})
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"zcbench-worker-{os.getpid()}-{uuid.uuid4().hex[:6]}.log", "w")
         self.proc = subprocess.Popen(
             command or [sys.executable, "-m", "zcbench.harness.worker"],
@@ -125,11 +124,11 @@ class SubprocessRunner:
     """One measuring process per driver environment, started on first use and restarted after a failure."""
 
     def __init__(self, envs: dict[str, dict[str, str]], ray_address: str | None = None, start_timeout_s: float = 180.0,
-                 command: list[str] | None = None, nodes: int = 1):
+                 command: list[str] | None = None, cluster: dict[str, str] | None = None):
         self.envs = envs  # implementation name -> environment overrides
         self.command = command  # tests substitute a fake measuring process
         self.ray_address = ray_address
-        self.nodes = nodes
+        self.cluster = cluster or {}  # ZCBENCH_NODES / _NODE_CPUS / _STORE_BYTES for worker.py
         self.start_timeout_s = start_timeout_s
         self.workers: dict[tuple, WorkerProcess] = {}
 
@@ -137,7 +136,7 @@ class SubprocessRunner:
         key = tuple(sorted(self.envs.get(impl, {}).items()))
         w = self.workers.get(key)
         if w is None or w.proc.poll() is not None:
-            w = WorkerProcess(dict(key), self.ray_address, self.command, self.nodes)
+            w = WorkerProcess(dict(key), self.ray_address, self.command, self.cluster)
             hello = w.receive(self.start_timeout_s)
             if not hello.get("ok"):
                 w.kill()
@@ -145,10 +144,15 @@ class SubprocessRunner:
             self.workers[key] = w
         return w
 
-    def run(self, impl: str, params: dict[str, Any], rows: int, seed: int, timeout_s: float) -> dict[str, Any]:
+    @property
+    def processes(self) -> int:
+        """Measuring processes this runner will need (one per distinct driver environment)."""
+        return len({tuple(sorted(e.items())) for e in self.envs.values()}) or 1
+
+    def run(self, impl: str, params: dict[str, Any], job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         w = self._worker(impl)
         try:
-            w.send({"op": "cell", "impl": impl, "params": params, "rows": rows, "seed": seed})
+            w.send({"op": "cell", "impl": impl, "params": params, "job": job})
             return w.receive(timeout_s)
         except (TimeoutError, RuntimeError, OSError) as exc:
             w.kill()
@@ -162,6 +166,22 @@ class SubprocessRunner:
         self.workers.clear()
 
 
+def cluster_env(settings: Settings) -> dict[str, str]:
+    """The measuring process's cluster: ``settings.nodes`` identical nodes, each with a store for the run's
+    largest model (1.25x, plus headroom for Ray Data's blocks and a previous round's copy being freed) and
+    logical CPUs for the largest pool's fractional actors plus Ray Data's read and write tasks."""
+    import math
+
+    from zcbench.suites.pipeline import POOL_ACTOR_CPUS
+
+    from .estimate import model_bytes
+
+    largest = max(model_bytes(m) for m in settings.models)
+    store = max(1024 * 2**20, int(1.25 * largest) + 256 * 2**20)
+    cpus = max(4, math.ceil(max(settings.pools) * POOL_ACTOR_CPUS / settings.nodes) + 2)
+    return {"ZCBENCH_NODES": str(settings.nodes), "ZCBENCH_NODE_CPUS": str(cpus), "ZCBENCH_STORE_BYTES": str(store)}
+
+
 def implementation_info(names: list[str]) -> list[dict[str, Any]]:
     """Name, version, spec, capabilities and process environment of each implementation (imports them)."""
     out = []
@@ -169,7 +189,8 @@ def implementation_info(names: list[str]) -> list[dict[str, Any]]:
         impl = load_implementation(n)
         out.append({
             "name": n, "version": str(impl.version), "spec": impl.spec,
-            "capabilities": impl.capabilities.as_dict(), "process_env": process_env(impl.capabilities.worker_env),
+            # The measuring process's environment: worker_env, set before it imports ray.
+            "capabilities": impl.capabilities.as_dict(), "process_env": dict(impl.capabilities.worker_env),
         })
     return out
 
@@ -182,9 +203,12 @@ def new_document(settings: Settings, impls: list[dict[str, Any]], command: list[
             params = {"impl": info["name"], **key}
             cells.append({"id": cell_id(params), "params": params, "status": "missing", "error": "not run yet",
                           "validity": "UNKNOWN", "audit": None, "rounds": 0, "metrics": {}})
+    from zcbench.suites import fingerprint
+
     extra = {f"impl:{i['name']}": i["version"] for i in impls}
     return {
-        "kind": schema.KIND, "schema_version": schema.SCHEMA_VERSION, "run_id": uuid.uuid4().hex,
+        "kind": schema.KIND, "schema_version": schema.SCHEMA_VERSION, "suite_fingerprint": fingerprint.current(),
+        "run_id": uuid.uuid4().hex,
         "created": _now(), "updated": _now(), "complete": False, "command": list(command or sys.argv), "wall_s": 0.0,
         "machine": machine.machine_info(), "versions": machine.versions(extra), "commit": machine.git_commit(),
         "implementations": impls, "settings": settings.as_dict(), "cells": cells,
@@ -206,42 +230,69 @@ def _metric(name: str, values: list[float]) -> dict[str, Any]:
     return {"value": st["median"], "unit": unit, "better": better, "stats": st, "values": [float(v) for v in values]}
 
 
+def _paired(mine: dict[str, Any], theirs: dict[str, Any], ratio: Any) -> list[float]:
+    pairs = zip(mine.get("values") or [mine["value"]], theirs.get("values") or [theirs["value"]])
+    return [r for a, b in pairs if (r := ratio(a, b)) is not None and r == r]  # r == r: not NaN
+
+
 def add_naive_ratio(cells: list[dict[str, Any]], baseline: str = "naive") -> None:
-    """throughput_vs_naive: each cell's median throughput over the privately-owning baseline's, same point."""
+    """Ratios to the privately-owning baseline at the same point, one per round (rounds are interleaved, so each
+    pair saw the same machine), then median and spread: ``throughput_vs_naive`` (steady rows/s over naive's) and
+    ``speed_vs_naive`` (naive's steady per-batch latency over this one's)."""
     by_key: dict[tuple, dict[str, Any]] = {}
     for c in cells:
         p = c["params"]
-        if p["impl"] == baseline and c["status"] == "ok" and "throughput_rows_s" in c["metrics"]:
+        if p["impl"] == baseline and c["status"] == "ok":
             by_key[(p["model"], p["device"], p["pool"], p["batch"])] = c
     for c in cells:
         p = c["params"]
         base = by_key.get((p["model"], p["device"], p["pool"], p["batch"]))
-        if c["status"] == "ok" and base and "throughput_rows_s" in c["metrics"]:
-            ratio = c["metrics"]["throughput_rows_s"]["value"] / base["metrics"]["throughput_rows_s"]["value"]
-            c["metrics"]["throughput_vs_naive"] = {"value": ratio, "unit": "x", "better": "higher"}
+        if c["status"] != "ok" or base is None or base is c:
+            continue
+        for name, metric, ratio in (("throughput_vs_naive", "throughput_rows_s", lambda a, b: a / b if b > 0 else None),
+                                    ("speed_vs_naive", "latency_p50_s", lambda a, b: b / a if a > 0 else None)):  # fmt: skip
+            mine, theirs = c["metrics"].get(metric), base["metrics"].get(metric)
+            if mine is not None and theirs is not None and (values := _paired(mine, theirs, ratio)):
+                c["metrics"][name] = _metric(name, values)
 
 
-def _progress_line(i: int, n: int, cell: dict[str, Any], seconds: float) -> str:
-    p, m = cell["params"], cell["metrics"]
-    head = f"[{i}/{n}] {p['impl']:<13} {p['model']} {p['device']} pool={p['pool']} batch={p['batch']}: {cell['status']}"
-    if cell["status"] != "ok":
-        return f"{head} ({cell['error']}) {seconds:.1f}s"
-    mib = 2**20
-    return (f"{head} {cell['validity']} load={m['load_cold_s']['value']:.3f}s "
-            f"uss/actor={m['actor_uss_infer_bytes']['value'] / mib:.0f}MiB pool={m['pool_total_bytes']['value'] / mib:.0f}MiB "
-            f"{m['throughput_rows_s']['value']:.0f} rows/s {seconds:.1f}s")
+def round_line(cell: dict[str, Any], rnd: int, rounds: int, res: dict[str, Any]) -> str:
+    """One progress line for a finished round: the cell, its audit, and the headline figures."""
+    p = cell["params"]
+    head = f"{p['impl']} {p['model']} pool {p['pool']} batch {p['batch']} round {rnd}/{rounds}"
+    if not res.get("ok"):
+        return f"{head}: failed ({res.get('error', 'unknown error')})"
+    m = res["metrics"]
+    parts = [("VALID" if res["valid"] else "INVALID")]
+    if "load_cold_s" in m:
+        parts.append(f"load {m['load_cold_s'] * 1e3:.0f} ms")
+    if "model_copies" in m:
+        parts.append(f"model costs {m['model_copies']:.2f} copies")
+    if "throughput_rows_s" in m:
+        parts.append(f"{m['throughput_rows_s']:.0f} rows/s")
+    return f"{head}: " + ", ".join(parts)
+
+
+def job_for(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~zcbench.harness.cells.Job` of a cell, as sent to the measuring process."""
+    plan = rows_for(settings, params["pool"], params["batch"])
+    return {"rows": plan.rows, "files": plan.files, "seed": settings.seed, "warmup_calls": settings.warmup_calls,
+            "audit_batches": settings.audit_batches, "steady": is_steady(settings, params["pool"])}  # fmt: skip
 
 
 def run_matrix(
     doc: dict[str, Any],
     runner: Runner,
     out: str | os.PathLike,
-    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    *,
+    stream: Any = None,
+    expected_s: float | None = None,
 ) -> dict[str, Any]:
-    """Measure every cell of ``doc`` that is not final yet, saving after each; returns the document.
+    """Measure every cell of ``doc`` that is not final yet, saving after each matrix point; returns the document.
 
-    On Ctrl-C/SIGTERM the unfinished cells stay ``missing`` with the reason, the file is
-    saved, and KeyboardInterrupt propagates.
+    Progress (one item per round of a cell) goes to ``stream`` (stderr by default): a bar on a
+    terminal, plain flushed lines otherwise. On Ctrl-C/SIGTERM the unfinished cells stay
+    ``missing`` with the reason, the file is saved, and KeyboardInterrupt propagates.
     """
     settings = Settings.from_dict(doc["settings"])
     infos = {i["name"]: i for i in doc["implementations"]}
@@ -249,7 +300,7 @@ def run_matrix(
     started = time.perf_counter()
     wall_before = float(doc.get("wall_s") or 0.0)
     todo = [c for c in doc["cells"] if c["status"] not in FINAL]
-    done_count = len(doc["cells"]) - len(todo)
+    rounds = settings.warmup + settings.rounds
 
     def save() -> None:
         add_naive_ratio(doc["cells"])
@@ -267,52 +318,52 @@ def run_matrix(
         signal.signal(signal.SIGTERM, on_term)
     try:
         save()
-        for key in cell_keys(settings):
-            cells = [by_id[cell_id({"impl": name, **key})] for name in settings.impls]
-            cells = [c for c in cells if c["status"] not in FINAL]
-            if not cells:
-                continue
-            key_start = time.perf_counter()
-            samples: dict[str, dict[str, list[float]]] = {c["id"]: {} for c in cells}
-            live = []
-            for c in cells:
-                reason = _skip_reason(infos[c["params"]["impl"]], c["params"])
-                if reason:
-                    c.update(status="skipped", error=reason, metrics={}, rounds=0)
-                else:
-                    c.update(validity="UNKNOWN", audit=None, _invalid=[])
-                    live.append(c)
-            for rnd in range(settings.warmup + settings.rounds):
-                for c in live:  # A B A B ...: implementations take turns every round
-                    if c.get("_failed"):
-                        continue
-                    res = runner.run(c["params"]["impl"], c["params"], settings.rows, settings.seed, settings.cell_timeout_s)
-                    if not res.get("ok"):
-                        c["_failed"] = f"round {rnd + 1}: {res.get('error', 'unknown error')}"
-                        continue
-                    if not res["valid"]:
-                        c["_invalid"].append(f"round {rnd + 1}: {res['audit']}")
-                    c["audit"] = res["audit"]
-                    if rnd >= settings.warmup:
-                        for name, value in res["metrics"].items():
-                            samples[c["id"]].setdefault(name, []).append(value)
-            for c in live:
-                invalid = c.pop("_invalid", [])
-                failed = c.pop("_failed", None)
-                if failed:
-                    c.update(status="failed", error=failed, metrics={}, rounds=0)
-                else:
-                    c["metrics"] = {n: _metric(n, v) for n, v in samples[c["id"]].items()}
-                    c["rounds"] = settings.rounds
-                    c["status"], c["error"] = "ok", None
-                    c["validity"] = "INVALID" if invalid else "VALID"
-                    if invalid:
-                        c["audit"] = "; ".join(invalid)
-            secs = time.perf_counter() - key_start
-            save()
-            for c in cells:
-                done_count += 1
-                log(_progress_line(done_count, len(doc["cells"]), c, secs))
+        with Progress("benchmark", total=len(todo) * rounds, expected_s=expected_s, stream=stream) as bar:
+            for key in cell_keys(settings):
+                cells = [by_id[cell_id({"impl": name, **key})] for name in settings.impls]
+                cells = [c for c in cells if c["status"] not in FINAL]
+                if not cells:
+                    continue
+                samples: dict[str, dict[str, list[float]]] = {c["id"]: {} for c in cells}
+                live = []
+                for c in cells:
+                    reason = _skip_reason(infos[c["params"]["impl"]], c["params"])
+                    if reason:
+                        c.update(status="skipped", error=reason, metrics={}, rounds=0)
+                        bar.advance(f"{c['id']}: skipped ({reason})", amount=rounds)
+                    else:
+                        c.update(validity="UNKNOWN", audit=None, _invalid=[])
+                        live.append(c)
+                job = job_for(settings, key)
+                for rnd in range(rounds):
+                    for c in live:  # A B A B ...: implementations take turns every round
+                        if c.get("_failed"):
+                            bar.advance(f"{c['id']} round {rnd + 1}: skipped after a failure")
+                            continue
+                        res = runner.run(c["params"]["impl"], c["params"], job, settings.cell_timeout_s)
+                        bar.advance(round_line(c, rnd + 1, rounds, res))
+                        if not res.get("ok"):
+                            c["_failed"] = f"round {rnd + 1}: {res.get('error', 'unknown error')}"
+                            continue
+                        if not res["valid"]:
+                            c["_invalid"].append(f"round {rnd + 1}: {res['audit']}")
+                        c["audit"] = res["audit"]
+                        if rnd >= settings.warmup:
+                            for name, value in res["metrics"].items():
+                                samples[c["id"]].setdefault(name, []).append(value)
+                for c in live:
+                    invalid = c.pop("_invalid", [])
+                    failed = c.pop("_failed", None)
+                    if failed:
+                        c.update(status="failed", error=failed, metrics={}, rounds=0)
+                    else:
+                        c["metrics"] = {n: _metric(n, v) for n, v in samples[c["id"]].items()}
+                        c["rounds"] = settings.rounds
+                        c["status"], c["error"] = "ok", None
+                        c["validity"] = "INVALID" if invalid else "VALID"
+                        if invalid:
+                            c["audit"] = "; ".join(invalid)
+                save()
     except KeyboardInterrupt:
         for c in doc["cells"]:
             c.pop("_failed", None)
@@ -328,7 +379,33 @@ def run_matrix(
     return doc
 
 
-def check_models(settings: Settings) -> None:
-    """Import each model case once in this process (cheap), so bad names fail before any worker starts."""
-    for m in settings.models:
-        resolve_model(m)
+def installed_impls() -> list[str]:
+    """Registered implementations whose adapters import here (an adapter that does not import is not installed)."""
+    from zcbench.suites.contract import REGISTRY
+
+    names = []
+    for name in REGISTRY:
+        try:
+            load_implementation(name)
+            names.append(name)
+        except Exception:  # noqa: BLE001 - any import problem means: not installed
+            pass
+    return names
+
+
+def execute(doc: dict[str, Any], out: str | os.PathLike, *, stream: Any = None) -> dict[str, Any]:
+    """Run ``doc``'s unfinished cells with measuring subprocesses, saying first how long it should take."""
+    from .estimate import clock, run_seconds
+
+    stream = stream or sys.stderr
+    settings = Settings.from_dict(doc["settings"])
+    envs = {i["name"]: i.get("process_env") or {} for i in doc["implementations"]}
+    runner = SubprocessRunner(envs, settings.ray_address, cluster=cluster_env(settings))
+    todo = [c["params"] for c in doc["cells"] if c["status"] not in FINAL]
+    expected = run_seconds(settings, getattr(runner, "processes", 1), todo)
+    print(f"zcbench: {len(todo)} cells to measure, expected about {clock(expected)} on an idle 2-core machine -> {out}",
+          file=stream, flush=True)  # fmt: skip
+    try:
+        return run_matrix(doc, runner, out, stream=stream, expected_s=expected)
+    finally:
+        runner.close()

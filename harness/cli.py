@@ -1,8 +1,9 @@
-"""The ``zcbench`` command: run the benchmark matrix, report it, compare two runs, run conformance.
+"""The ``zcbench`` command: the main job, the benchmark matrix, its report, a comparison, conformance.
 
-Exit codes: 0 success, 1 regression found (compare --fail-on-regression) or some cells
-failed, 2 bad input (unknown implementation/model/value, invalid results file,
-unreachable Ray address), 130 interrupted (finished cells are saved).
+Exit codes: 0 success, 1 regression found (compare --fail-on-regression), some cells
+failed or INVALID, or the reference failed conformance; 2 bad input (unknown
+implementation/model/value, invalid results file, unreachable Ray address); 130
+interrupted (finished cells are saved).
 """
 
 from __future__ import annotations
@@ -33,53 +34,60 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zcbench", description="Zero-copy model sharing in Ray: benchmark and conformance.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the benchmark matrix and write a results JSON")
     run.add_argument("--impl", action="append", help="implementation (registered name or module:factory); repeatable")
-    run.add_argument("--model", action="append", type=_csv, help="model: mlp-<N>mib, tensors-<N>, mixed, or a real architecture; repeatable or comma-separated")
+    run.add_argument("--model", action="append", type=_csv,
+                     help="model: mlp-<N>mib, tensors-<N>, mixed, a real architecture, bert-base, or the set 'scale'; "
+                          "repeatable or comma-separated")  # fmt: skip
     run.add_argument("--pool", type=_csv_ints, help="actor pool sizes, e.g. 1,2,4,8")
     run.add_argument("--batch", type=_csv_ints, help="batch sizes, e.g. 1,8,32,128")
     run.add_argument("--device", type=_csv, help="cpu and/or cuda (cuda only where available)")
     run.add_argument("--rounds", type=int, help="measured rounds per cell (median and spread over them)")
     run.add_argument("--warmup", type=int, help="unrecorded rounds per cell before the measured ones")
-    run.add_argument("--rows", type=int, help="rows through the Ray Data pipeline per round")
+    run.add_argument("--steady-batches", type=int, help="steady-state batches each pool actor runs after its first two (default 20)")
+    run.add_argument("--audit-batches", type=int, help="batches per round re-run in the driver and compared bit for bit (default 8)")
+    run.add_argument("--rows", type=int, help="rows per round (default: enough for --steady-batches per actor)")
     run.add_argument("--seed", type=int, help="seed of the input rows")
     run.add_argument("--cell-timeout", type=float, help="seconds one round of one cell may take before it is failed")
-    run.add_argument("--quick", action="store_true", help="small matrix: reference vs naive and the other installed implementations, mlp-64mib, pools 4,1, batches 8,32")
+    run.add_argument("--quick", action="store_true", help="the headline: every installed implementation, mlp-256mib, pools 2,1, batch 8, one round")
+    run.add_argument("--full", action="store_true", help="the committed baseline's matrix: mlp-256mib, pools 1-8, batches 1-128, 3 rounds")
     run.add_argument("--ray-address", help="use this existing Ray cluster instead of starting a private one")
-    run.add_argument("--nodes", type=int, help="simulate this many nodes (each with its own object store) in the private cluster; the pool is spread over them")
+    run.add_argument("--nodes", type=int, help="simulate this many nodes (each with its own object store) in the private cluster")
     run.add_argument("--out", help="results file (default results/bench/run-<time>.json)")
     run.add_argument("--resume", metavar="FILE", help="complete an interrupted results file (keeps its settings and finished cells)")
 
+
+def _add_main(sub: argparse._SubParsersAction) -> None:
+    main = sub.add_parser("main", help="the main job: conformance of reference and naive, a benchmark with the headline, one summary")
+    main.add_argument("--out", type=Path, default=Path("results/latest"), help="output directory")
+    main.add_argument("--full", action="store_true", help="the full benchmark matrix (its expected duration is printed first)")
+    main.add_argument("--impl", action="append", help="conformance implementations (default: reference, naive)")
+    main.add_argument("--skip-conformance", action="store_true", help="benchmark only")
+    main.add_argument("--skip-bench", action="store_true", help="conformance only")
+    main.add_argument("--ray-address", help="use this existing Ray cluster")
+
+
+def build_parser(load_conformance: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; the conformance subcommand's options are loaded only when asked for."""
+    parser = argparse.ArgumentParser(prog="zcbench", description="Zero-copy model sharing in Ray: benchmark and conformance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_main(sub)
+    _add_run(sub)
     rep = sub.add_parser("report", help="write Markdown and PNG plots from a results file")
     rep.add_argument("results")
     rep.add_argument("--out", required=True, help="output directory")
-
     cmp_ = sub.add_parser("compare", help="compare two results files side by side")
     cmp_.add_argument("a", help="baseline results")
     cmp_.add_argument("b", help="new results")
     cmp_.add_argument("--factor", type=float, default=1.2, help="flag a regression when worse by this factor (default 1.2)")
     cmp_.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged")
-
-    main_job = sub.add_parser("main", help="the main job: conformance of the reference + quick benchmark + report")
-    from . import main_job as _main_job
-
-    _main_job.add_arguments(main_job)
-
-    conf = sub.add_parser("conformance", help="run the conformance matrix (harness/conformance.py)")
-    if not load_conformance:
-        conf.add_argument("rest", nargs=argparse.REMAINDER)
-        return parser
-    try:
-        from . import conformance  # owned elsewhere; imported lazily so the benchmark works without it
+    conf = sub.add_parser("conformance", help="run the conformance matrix")
+    if load_conformance:
+        from . import conformance
 
         conformance.add_arguments(conf)
-        conf.set_defaults(_conformance=conformance)
-    except Exception as exc:  # noqa: BLE001 - any import/definition problem must not break run/report/compare
-        conf.set_defaults(_conformance=None, _conformance_error=str(exc))
+    else:
         conf.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
@@ -98,33 +106,29 @@ def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
         raise UsageError(f"Ray address {address!r} does not answer: {exc}") from None
 
 
-def _settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace, installed: list[str] | None = None):
+    """The matrix settings ``zcbench run`` asks for, validated (UsageError on bad input)."""
     from zcbench.suites.contract import ContractError, resolve_spec
 
-    from . import matrix
+    from . import bench, matrix
 
-    from zcbench.suites.contract import REGISTRY, load_implementation
-
-    installed = []
-    for name in REGISTRY:
-        try:
-            load_implementation(name)
-            installed.append(name)
-        except Exception:  # noqa: BLE001 - an adapter that does not import is simply not installed
-            pass
-    s = matrix.quick_settings(installed) if args.quick else matrix.Settings(
-        impls=["reference", "naive"], models=["mlp-64mib"], pools=[1, 2, 4, 8], batches=[1, 8, 32, 128])
+    if args.quick or args.full:
+        if installed is None:  # --impl names them: no need to import every adapter to find what is installed
+            installed = list(dict.fromkeys(args.impl)) if args.impl else bench.installed_impls()
+        s = matrix.full_settings(installed) if args.full else matrix.quick_settings(installed)
+    else:
+        s = matrix.default_settings()
     if args.impl:
         s.impls = list(dict.fromkeys(args.impl))
     if args.model:
-        s.models = list(dict.fromkeys(m for group in args.model for m in group))
+        s.models = matrix.expand_models([m for group in args.model for m in group])
     for attr, value in (("pools", args.pool), ("batches", args.batch), ("devices", args.device), ("rounds", args.rounds),
-                        ("warmup", args.warmup), ("rows", args.rows), ("seed", args.seed), ("cell_timeout_s", args.cell_timeout)):
+                        ("warmup", args.warmup), ("rows", args.rows), ("seed", args.seed), ("cell_timeout_s", args.cell_timeout),
+                        ("steady_batches", args.steady_batches), ("audit_batches", args.audit_batches),
+                        ("nodes", args.nodes)):  # fmt: skip
         if value is not None:
             setattr(s, attr, value)
     s.ray_address = args.ray_address
-    if args.nodes is not None:
-        s.nodes = args.nodes
     for name in s.impls:
         try:
             resolve_spec(name)
@@ -151,29 +155,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out or args.resume)
         settings = Settings.from_dict(doc["settings"])
         if args.ray_address:
-            settings.ray_address = args.ray_address
+            doc["settings"]["ray_address"] = settings.ray_address = args.ray_address
     else:
-        settings = _settings_from_args(args)
+        settings = settings_from_args(args)
         out = Path(args.out or f"results/bench/run-{time.strftime('%Y%m%d-%H%M%S')}.json")
         try:
             infos = bench.implementation_info(settings.impls)
         except ContractError as exc:
             raise UsageError(str(exc)) from None
-        doc = bench.new_document(settings, infos, sys.argv)
+        doc = bench.new_document(settings, infos, ["zcbench", *sys.argv[1:]])
     if settings.ray_address:
         check_ray_address(settings.ray_address)
-    envs = {i["name"]: i["process_env"] for i in doc["implementations"]}
-    runner = bench.SubprocessRunner(envs, settings.ray_address, nodes=settings.nodes)
-    print(f"zcbench: {len(doc['cells'])} cells -> {out}", file=sys.stderr, flush=True)
     try:
-        bench.run_matrix(doc, runner, out)
+        bench.execute(doc, out)
     except KeyboardInterrupt:
         print(f"zcbench: interrupted; finished cells kept in {out}; complete it with: zcbench run --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ConnectionError as exc:
         raise UsageError(str(exc)) from None
-    finally:
-        runner.close()
     failed = [c for c in doc["cells"] if c["status"] == "failed"]
     print(f"zcbench: wrote {out} ({len(doc['cells']) - len(failed)} cells final, {len(failed)} failed) in {doc['wall_s']:.0f}s", file=sys.stderr)
     return 1 if failed else 0
@@ -205,16 +204,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_main(args: argparse.Namespace) -> int:
-    from . import main_job
+    from . import main_job, matrix
 
-    return main_job.main(args)
+    if args.ray_address:
+        check_ray_address(args.ray_address)
+    s = main_job.JobSettings(
+        out=args.out, full=args.full, conformance_impls=list(args.impl or main_job.CONFORMANCE_IMPLS),
+        conformance=not args.skip_conformance, benchmark=not args.skip_bench, ray_address=args.ray_address,
+    )  # fmt: skip
+    try:
+        return main_job.main_job(s)
+    except matrix.MatrixError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"zcbench main: interrupted; finished parts kept under {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    module = getattr(args, "_conformance", None)
-    if module is None:
-        raise UsageError(f"conformance is not available: {getattr(args, '_conformance_error', 'harness/conformance.py missing')}")
-    return int(module.main(args) or 0)
+    from . import conformance
+
+    return int(conformance.main(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ from typing import Any
 
 #: Metrics worth a regression verdict (the rest are shown for context only).
 KEY_METRICS = (
-    "load_cold_s", "load_warm_s", "first_forward_s", "actor_uss_infer_bytes", "pool_total_bytes",
-    "throughput_rows_s", "latency_p50_s", "latency_p99_s", "wrap_s",
+    "load_cold_s", "load_warm_s", "first_forward_s", "actor_uss_infer_bytes", "pool_total_bytes", "model_cost_bytes",
+    "throughput_rows_s", "latency_p50_s", "latency_p99_s", "wrap_s", "wrap_peak_bytes",
 )
 MACHINE_FIELDS = ("cpu_model", "cores_physical", "cores_logical", "ram_bytes", "gpus", "platform")
 
@@ -79,6 +79,8 @@ def compare(a: dict[str, Any], b: dict[str, Any], factor: float = 1.2) -> Compar
         va, vb = a["machine"].get(f), b["machine"].get(f)
         if va != vb:
             out.machine_diffs.append(f"{f}: {va} vs {vb}")
+    if a.get("suite_fingerprint") != b.get("suite_fingerprint"):
+        out.machine_diffs.append(f"suite fingerprint: {a.get('suite_fingerprint')} vs {b.get('suite_fingerprint')}")
     for lib in sorted(set(a["versions"]) | set(b["versions"])):
         if a["versions"].get(lib) != b["versions"].get(lib):
             out.machine_diffs.append(f"version {lib}: {a['versions'].get(lib)} vs {b['versions'].get(lib)}")
@@ -97,7 +99,7 @@ def render(c: Comparison, name_a: str, name_b: str, factor: float) -> str:
     """Plain-text side-by-side table, regressions marked, machine differences noted first."""
     lines = [f"A = {name_a}", f"B = {name_b}", f"regression: B worse than A by x{factor:g} or more", ""]
     if c.machine_diffs:
-        lines.append("NOTE: the runs differ in machine or versions; ratios may reflect that, not the code:")
+        lines.append("NOTE: the runs differ in machine, versions or suite; ratios may reflect that, not the code:")
         lines += [f"  {d}" for d in c.machine_diffs]
         lines.append("")
     width = max([len(r.cell) for r in c.rows] + [4])

@@ -1,11 +1,15 @@
-"""The conformance matrix: every implementation × every check, one subprocess per implementation.
+"""The conformance matrix: every implementation x every check, one subprocess per implementation.
 
 Each implementation runs in its own Python process with its ``worker_env`` exported
 before anything imports ray (Ray reads ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`` at import),
-and one crash or hang cannot take the others' results with it::
+so one crash or hang cannot take the others' results with it. The child runs the one
+executor (:func:`zcbench.suites.executor.run_checks`), reports each verdict as it comes
+and rewrites its results file after every check, so a crash or a time-out keeps the
+checks already judged. ``matrix.json`` (schema ``harness/matrix.schema.json``) and
+``matrix.md`` are rewritten after each implementation: an interrupted run leaves a
+matrix marked incomplete, never a stitched one::
 
     zcbench conformance --impl reference --impl naive --out results/conformance
-    python -m zcbench.harness.conformance --impl reference --select outputs.
 """
 
 from __future__ import annotations
@@ -18,27 +22,25 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from . import schema
 from .machine import git_commit, machine_info
+from .progress import Progress
 
-SCHEMA_VERSION = 1
 PROFILES = {"ci": "zcbench-ci", "thorough": "zcbench-thorough"}
 DEFAULT_TIMEOUT_S = 3600.0
-CELL = {"passed": "pass", "xfailed": "xfail", "xpassed": "XPASS"}
+STATUSES = ("pass", "fail", "error", "skip", "xfail", "xpass")
+CELL = {"pass": "pass", "xfail": "xfail", "xpass": "**XPASS**"}
+NEEDS_ENV_EXIT = 3  # the subprocess asks to be started again with the implementation's env
 
 
-def _suite_version() -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("zcbench")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _tail(text: str | bytes | None, lines: int = 30) -> str:
@@ -47,7 +49,45 @@ def _tail(text: str | bytes | None, lines: int = 30) -> str:
     return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
-NEEDS_ENV_EXIT = 3  # the subprocess asks to be started again with the implementation's env
+def _machine_line(m: dict[str, Any]) -> str:
+    return f"{m.get('hostname')}: {m.get('cpu_model')}, {m.get('cores_logical')} logical cores, {m.get('ram_bytes', 0) / 2**30:.0f} GiB"
+
+
+def counts(results: list[dict[str, Any]]) -> dict[str, int]:
+    """How many results have each status."""
+    c = Counter(r["status"] for r in results)
+    return {s: c.get(s, 0) for s in STATUSES}
+
+
+class _Child:
+    """One implementation's subprocess: its verdicts arrive as JSON lines on stdout while it runs."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], on_line):
+        # Own session, so a time-out kills the run's Ray processes too.
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, args=(self.proc.stdout, on_line), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
+
+    @staticmethod
+    def _read(stream, sink) -> None:
+        for line in stream:
+            sink(line)
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Exit status, or None after killing it at the time-out."""
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
 
 
 def run_one(
@@ -58,15 +98,24 @@ def run_one(
     expected_failures: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     ray_address: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run one implementation's checks in a subprocess; always return a record (status ok/crashed/timeout)."""
-    start = time.perf_counter()
-    record: dict[str, Any] = {"implementation": impl, "status": "crashed", "header": None, "results": []}
-    env = {**os.environ, "ZCBENCH_PROFILE": PROFILES[profile]}
+    """Run one implementation's checks in a subprocess; always return a column (status ok/crashed/timeout)."""
+    started, clock = _now(), time.perf_counter()
+    git = git_commit()
+    column: dict[str, Any] = {"implementation": impl, "status": "crashed", "reason": None, "header": None, "results": [], "warnings": []}
+    env = {**os.environ, "ZCBENCH_PROFILE": PROFILES[profile], "PYTHONUNBUFFERED": "1"}
     env.setdefault("RAY_AUTH_MODE", "disabled")
+
+    def on_line(line: str) -> None:
+        if line.startswith("{") and progress is not None:
+            r = json.loads(line)
+            progress.advance(f"{impl} {r['check_id']}: {r['status']}")
+
+    rc: int | None = None
     with tempfile.TemporaryDirectory(prefix="zcbench-conformance-") as tmp:
         out = Path(tmp) / "one.json"
-        cmd = [sys.executable, "-m", "zcbench.harness.conformance", "--one", impl, "--json", str(out)]
+        cmd = [sys.executable, "-m", "zcbench.harness.conformance", "--one", impl, "--json", str(out), "--profile", profile]
         for s in select or []:
             cmd += ["--select", s]
         if expected_failures:
@@ -76,37 +125,54 @@ def run_one(
         # The adapter's worker_env is only known once it is imported, and importing it may
         # import ray: the subprocess then says which env it needs and is started again with it.
         for _attempt in range(2):
-            rc, stderr = _launch(cmd, env, timeout_s)
+            child = _Child(cmd, env, on_line)
+            try:
+                rc = child.wait(timeout_s - (time.perf_counter() - clock))
+            except BaseException:
+                child.kill()
+                raise
             if rc == NEEDS_ENV_EXIT and out.exists():
                 env.update(json.loads(out.read_text())["needs_env"])
                 out.unlink()
                 continue
             break
-        record["returncode"] = rc
-        if rc is None:
-            record.update(status="timeout", reason=f"no result after {timeout_s:.0f} s", stderr_tail=_tail(stderr))
-        elif rc == 0 and out.exists():
-            record.update(json.loads(out.read_text()), status="ok")
-        else:
-            record.update(
-                reason=f"subprocess exited with status {rc}: {_tail(stderr, 1)}",
-                stderr_tail=_tail(stderr),
-            )
-    record["duration_s"] = time.perf_counter() - start
-    return record
+        stderr = "".join(child.stderr)
+        if out.exists():
+            column.update({k: v for k, v in json.loads(out.read_text()).items() if k in ("header", "results", "warnings")})
+    if rc is None:
+        column.update(status="timeout", reason=f"no result after {timeout_s:.0f} s; {len(column['results'])} checks judged before")
+    elif rc == 0:
+        column.update(status="ok")
+    else:
+        column.update(reason=f"subprocess exited with status {rc}: {_tail(stderr, 1)}")
+    if column["status"] != "ok":
+        column["stderr_tail"] = _tail(stderr)
+    header = column["header"] or {}
+    column["counts"] = counts(column["results"])
+    column["provenance"] = {
+        "commit": git.get("sha"),
+        "dirty": git.get("dirty"),
+        "suite_fingerprint": header.get("suite_fingerprint") or _fingerprint(),
+        "machine": _machine_line(machine_info()),
+        "started": started,
+        "finished": _now(),
+        "profile": PROFILES[profile],
+        "retries": sum(1 for r in column["results"] if r.get("attempts", 0) > 1),
+        "duration_s": round(time.perf_counter() - clock, 1),
+    }
+    return column
 
 
-def _launch(cmd: list[str], env: dict[str, str], timeout_s: float) -> tuple[int | None, bytes]:
-    """Run ``cmd``; return (exit status or None on timeout, stderr)."""
-    # Own session, so a timeout kills the run's Ray processes too.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-        return proc.returncode, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        return None, stderr
+def _fingerprint() -> str:
+    from zcbench.suites import fingerprint
+
+    return fingerprint.current()
+
+
+def _expected_checks(select: list[str] | None) -> int:
+    from zcbench.suites.executor import select_checks
+
+    return len(select_checks(select))
 
 
 def run_matrix(
@@ -118,86 +184,107 @@ def run_matrix(
     expected_failures: dict[str, str] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     ray_address: str | None = None,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every implementation, write ``matrix.json`` and ``matrix.md`` under ``out_dir``, return the matrix."""
+    """Run every implementation, writing ``matrix.json`` and ``matrix.md`` under ``out_dir`` after each; return the matrix."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is not one of {sorted(PROFILES)}")
-    started = dt.datetime.now(dt.timezone.utc)
-    records = {
-        name: run_one(
-            name,
-            select=select,
-            profile=profile,
-            expected_failures=(expected_failures or {}).get(name),
-            timeout_s=timeout_s,
-            ray_address=ray_address,
-        )
-        for name in impls
-    }
-    matrix = {
-        "schema_version": SCHEMA_VERSION,
+    from zcbench.suites.executor import _version
+
+    out_dir = Path(out_dir)
+    matrix: dict[str, Any] = {
         "kind": "zcbench-conformance-matrix",
-        "suite_version": _suite_version(),
-        "git": git_commit(),
-        "machine": machine_info(),
-        "created": started.isoformat(timespec="seconds"),
+        "schema_version": 2,
+        "suite_version": _version("zcbench"),
+        "suite_fingerprint": _fingerprint(),
+        "command": list(command or sys.argv),
+        "created": _now(),
+        "finished": None,
+        "complete": False,
         "profile": PROFILES[profile],
         "select": select,
-        "implementations": records,
+        "machine": machine_info(),
+        "implementations": {},
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "matrix.json").write_text(json.dumps(matrix, indent=2, default=str) + "\n")
-    (out_dir / "matrix.md").write_text(to_markdown(matrix))
+    per_impl = _expected_checks(select)
+    with Progress("conformance", total=per_impl * len(impls)) as bar:
+        try:
+            for name in impls:
+                matrix["implementations"][name] = run_one(
+                    name, select=select, profile=profile, expected_failures=(expected_failures or {}).get(name),
+                    timeout_s=timeout_s, ray_address=ray_address, progress=bar,
+                )  # fmt: skip
+                write(matrix, out_dir)
+        except KeyboardInterrupt:
+            write(matrix, out_dir)
+            raise
+    matrix["finished"] = _now()
+    matrix["complete"] = list(matrix["implementations"]) == list(impls)
+    write(matrix, out_dir)
     return matrix
 
 
-def _cell(result: dict[str, Any]) -> str:
-    status, reason = result["status"], _md(result.get("reason") or "")
-    if status == "failed":
-        return f"**FAIL**: {reason}"
-    if status == "skipped":
-        return f"skip: {reason}"
-    return CELL.get(status, status)
+def write(matrix: dict[str, Any], out_dir: Path) -> None:
+    """Validate and write ``matrix.json`` and ``matrix.md`` atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema.write_atomic(out_dir / "matrix.json", matrix, kind="matrix")
+    schema.write_text_atomic(out_dir / "matrix.md", to_markdown(matrix))
 
 
-def _md(text: str, limit: int = 140) -> str:
+def _md(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def headline(record: dict[str, Any]) -> str:
-    """One line per implementation: version and counts, or why it has no results."""
-    name = record["implementation"]
-    if record["status"] != "ok":
-        return f"**{name}**: {record['status'].upper()}: {_md(record.get('reason', ''), 300)}"
-    counts = Counter(r["status"] for r in record["results"])
-    parts = [f"{counts[s]} {s}" for s in ("passed", "failed", "xfailed", "xpassed", "skipped") if counts[s]]
-    version = (record.get("header") or {}).get("version", "?")
-    return f"**{name}** {version}: {', '.join(parts) or 'no checks'} ({record.get('duration_s', 0):.0f} s)"
+def _cell(result: dict[str, Any]) -> str:
+    status, reason = result["status"], _md(result.get("reason") or "")
+    if status == "fail":
+        return f"**FAIL**: {reason}"
+    if status == "error":
+        return f"ERROR: {reason}"
+    if status == "skip":
+        return f"skip: {reason}"
+    if status == "xfail":
+        return f"xfail: {reason}"
+    return CELL.get(status, status)
+
+
+def headline(column: dict[str, Any]) -> str:
+    """One line per implementation: version and counts, or why its run did not finish."""
+    name = column["implementation"]
+    c = column.get("counts") or counts(column["results"])
+    parts = [f"{c[s]} {s}" for s in STATUSES if c.get(s)]
+    version = (column.get("header") or {}).get("version", "?")
+    line = f"**{name}** {version}: {', '.join(parts) or 'no checks'} ({column['provenance']['duration_s']:.0f} s)"
+    if column["status"] != "ok":
+        line += f" — run {column['status'].upper()}: {_md(column.get('reason') or '', 300)}"
+    return line
 
 
 def to_markdown(matrix: dict[str, Any]) -> str:
-    """The matrix as Markdown: headlines, then a table with one row per check and one column per implementation."""
-    records = matrix["implementations"]
-    names = list(records)
+    """The matrix as Markdown: provenance, headlines, a legend, then one row per check and one column per implementation."""
+    columns = matrix["implementations"]
+    names = list(columns)
     check_ids: list[str] = []
-    for rec in records.values():
-        for r in rec["results"]:
+    for col in columns.values():
+        for r in col["results"]:
             if r["check_id"] not in check_ids:
                 check_ids.append(r["check_id"])
-    m = matrix["machine"]
-    git = matrix.get("git") or {}
     lines = [
         "# zcbench conformance matrix",
         "",
-        f"Suite {matrix['suite_version']}, commit {git.get('sha') or '?'}{' (dirty)' if git.get('dirty') else ''}, "
-        f"{matrix['created']}, profile {matrix['profile']}"
-        + (f", checks selected: {', '.join(matrix['select'])}" if matrix.get("select") else ""),
-        f"Machine: {m.get('cpu_model')}, {m.get('cores_logical')} logical cores, "
-        f"{m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, GPU: {', '.join(m.get('gpus') or []) or 'none'}",
+        f"Suite {matrix['suite_version']}, fingerprint `{matrix['suite_fingerprint']}`, profile {matrix['profile']}, "
+        f"{matrix['created']} to {matrix['finished'] or '(unfinished)'}"
+        + (f", checks selected: {', '.join(matrix['select'])}" if matrix.get("select") else "")
+        + ("" if matrix["complete"] else " — **INCOMPLETE**: not every implementation has its column"),
+        f"Machine: {_machine_line(matrix['machine'])}, GPU: {', '.join(matrix['machine'].get('gpus') or []) or 'none'}",
+        f"Command: `{' '.join(matrix['command'])}`",
         "",
-        *[f"- {headline(records[n])}" for n in names],
+        *[f"- {headline(columns[n])}" for n in names],
+        "",
+        "Statuses: pass; **FAIL** (the implementation broke the property); ERROR (the check could not run:"
+        " infrastructure, retried once on a fresh cluster, never counted as a failure); skip (capability not"
+        " declared, or hardware absent); xfail/XPASS (expected failures of the implementation's authors).",
         "",
         "| check | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -205,12 +292,17 @@ def to_markdown(matrix: dict[str, Any]) -> str:
     for cid in check_ids:
         cells = []
         for n in names:
-            rec = records[n]
-            hit = next((r for r in rec["results"] if r["check_id"] == cid), None)
-            cells.append(_cell(hit) if hit else ("—" if rec["status"] == "ok" else rec["status"]))
+            col = columns[n]
+            hit = next((r for r in col["results"] if r["check_id"] == cid), None)
+            cells.append(_cell(hit) if hit else f"not run ({col['status']})")
         lines.append(f"| `{cid}` | " + " | ".join(cells) + " |")
     if not check_ids:
-        lines.append("| (no results) | " + " | ".join(records[n]["status"] for n in names) + " |")
+        lines.append("| (no results) | " + " | ".join(columns[n]["status"] for n in names) + " |")
+    lines += ["", "## Provenance per implementation", "", "| implementation | commit | fingerprint | started | finished | retries | run |", "|---|---|---|---|---|---|---|"]
+    for n in names:
+        p = columns[n]["provenance"]
+        commit = f"{(p['commit'] or '?')[:12]}{' (dirty)' if p['dirty'] else ''}"
+        lines.append(f"| {n} | {commit} | `{p['suite_fingerprint']}` | {p['started']} | {p['finished']} | {p['retries']} | {columns[n]['status']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,56 +330,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_one_here(args: argparse.Namespace) -> int:
-    """Inside the subprocess: run the checks in this process and write header + results."""
-    from zcbench.suites import runner
+    """Inside the subprocess: run the checks in this process, reporting and saving after each."""
+    import warnings
 
+    from zcbench.suites import executor
     from zcbench.suites.contract import load_implementation
 
     xfails_file = _xfails_arg(args.xfails).get(args.one)
     impl = load_implementation(args.one)
     try:
-        runner.apply_driver_env(impl)
-    except runner.DriverEnvError:
+        executor.apply_driver_env(impl)
+    except executor.DriverEnvError:
         args.json.write_text(json.dumps({"needs_env": dict(impl.capabilities.worker_env)}))
         return NEEDS_ENV_EXIT
+    proto = sys.stdout
+    sys.stdout = sys.stderr  # libraries that print must not corrupt the verdict lines
+    payload: dict[str, Any] = {"header": executor.header(impl, expected_failures=xfails_file), "results": [], "warnings": []}
+
+    def on_result(i: int, n: int, result: executor.CheckResult) -> None:
+        payload["results"].append(result.to_dict())
+        schema.write_text_atomic(args.json, json.dumps(payload, default=str))
+        proto.write(json.dumps({"check_id": result.check_id, "status": result.status, "i": i, "n": n}) + "\n")
+        proto.flush()
+
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", runner.StaleExpectedFailures)
-        results = runner.run_checks(
-            impl, select=args.select, expected_failures=xfails_file, ray_address=args.ray_address
-        )
-    stale = [str(w.message) for w in caught if issubclass(w.category, runner.StaleExpectedFailures)]
-    for msg in stale:
-        print(f"warning: {msg}", file=sys.stderr)
-    payload = {
-        "header": runner.header(impl, expected_failures=xfails_file),
-        "results": [r.to_dict() for r in results],
-        "warnings": stale,
-    }
-    args.json.write_text(json.dumps(payload, indent=2, default=str))
+        warnings.simplefilter("always", executor.StaleExpectedFailures)
+        executor.run_checks(impl, select=args.select, expected_failures=xfails_file, ray_address=args.ray_address, progress=on_result)
+    payload["warnings"] = [str(w.message) for w in caught if issubclass(w.category, executor.StaleExpectedFailures)]
+    schema.write_text_atomic(args.json, json.dumps(payload, default=str))
+    from zcbench.suites import session
+
+    session.reset()  # disconnect, then stop the cluster: in that order, the exit status stays 0
     return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the matrix (or, with ``--one``, one implementation in this process); 1 if an implementation crashed."""
+    """Run the matrix (or, with ``--one``, one implementation in this process); 1 if an implementation's run did not finish."""
     if args.one:
         if args.json is None:
             raise SystemExit("--one needs --json FILE")
+        os.environ["ZCBENCH_PROFILE"] = PROFILES[args.profile]
         return _run_one_here(args)
     if not args.impl:
         raise SystemExit("name at least one implementation with --impl")
     matrix = run_matrix(
-        args.impl,
-        args.out,
-        select=args.select,
-        profile=args.profile,
-        expected_failures=_xfails_arg(args.xfails),
-        timeout_s=args.timeout,
-        ray_address=args.ray_address,
-    )
-    for rec in matrix["implementations"].values():
-        print(headline(rec).replace("**", ""))
+        args.impl, args.out, select=args.select, profile=args.profile, expected_failures=_xfails_arg(args.xfails),
+        timeout_s=args.timeout, ray_address=args.ray_address, command=["zcbench", *sys.argv[1:]],
+    )  # fmt: skip
+    for col in matrix["implementations"].values():
+        print(headline(col).replace("**", ""))
     print(f"wrote {args.out / 'matrix.json'} and {args.out / 'matrix.md'}")
-    return 0 if all(r["status"] == "ok" for r in matrix["implementations"].values()) else 1
+    return 0 if all(c["status"] == "ok" for c in matrix["implementations"].values()) else 1
 
 
 if __name__ == "__main__":

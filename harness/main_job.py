@@ -1,101 +1,121 @@
-"""The main job: conformance of the reference, then the quick benchmark against the baselines, one report.
+"""The main job: conformance of the reference and naive, then a benchmark that shows the headline, one summary.
 
-``zcbench main --out results/latest`` writes::
+``zcbench main --out results/latest`` (the quick profile) writes::
 
-    results/latest/conformance/matrix.{json,md}   every check, reference vs the installed implementations
-    results/latest/bench/quick.json               the quick benchmark matrix (versioned JSON)
+    results/latest/conformance/matrix.{json,md}   every check, reference and naive
+    results/latest/bench/results.json             load time and pool memory vs pool size for every installed
+                                                  implementation at one model size, one throughput point
     results/latest/bench/report.md + *.png        tables and plots
-    results/latest/SUMMARY.md                     one screen: verdicts and headline figures
+    results/latest/SUMMARY.md                     one screen: verdicts and the headline
+
+``--full`` runs the full benchmark matrix instead (every pool and batch size, three rounds)
+and prints its expected duration before it starts. :func:`main_job` is a plain function of
+:class:`JobSettings`; the command line (cli.py) only builds them.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
-#: Implementations whose conformance is recorded beside the reference's when they import.
+from . import matrix
+
+#: Implementations whose conformance the main job records.
 CONFORMANCE_IMPLS = ("reference", "naive")
+CONFORMANCE_TIMEOUT_S = 2400.0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("results/latest"), help="output directory")
-    parser.add_argument("--impl", action="append", help="conformance implementations (default: reference, naive)")
-    parser.add_argument("--skip-conformance", action="store_true", help="benchmark only")
-    parser.add_argument("--skip-bench", action="store_true", help="conformance only")
-    parser.add_argument("--ray-address", help="use this existing Ray cluster")
+@dataclass
+class JobSettings:
+    """What the main job does; ``bench`` None means the quick (or, with ``full``, the full) matrix of what is installed."""
+
+    out: Path = Path("results/latest")
+    full: bool = False
+    conformance_impls: list[str] = field(default_factory=lambda: list(CONFORMANCE_IMPLS))
+    conformance: bool = True
+    benchmark: bool = True
+    ray_address: str | None = None
+    bench: matrix.Settings | None = None
 
 
-def _bench(out: Path, ray_address: str | None) -> tuple[int, dict[str, Any] | None]:
-    from . import cli, schema
-
-    results = out / "bench" / "quick.json"
-    argv = ["run", "--quick", "--out", str(results)]
-    if ray_address:
-        argv += ["--ray-address", ray_address]
-    rc = cli.main(argv)
-    if not results.exists():
-        return rc, None
-    cli.main(["report", str(results), "--out", str(out / "bench")])
-    return rc, schema.load(results)
+def bench_settings(s: JobSettings, installed: list[str]) -> matrix.Settings:
+    """The benchmark matrix of the job: ``s.bench`` if given, else quick or full over ``installed``."""
+    if s.bench is not None:
+        return s.bench
+    b = matrix.full_settings(installed) if s.full else matrix.quick_settings(installed)
+    b.ray_address = s.ray_address
+    return b
 
 
-def _pool_headline(doc: dict[str, Any]) -> list[str]:
-    """Median figures of the largest pool, per implementation, from the benchmark cells."""
-    ok = [c for c in doc["cells"] if c["status"] == "ok"]
-    if not ok:
-        return ["no finished benchmark cells"]
-    pool = max(c["params"]["pool"] for c in ok)
-    lines = ["| implementation | pool | load warm (ms) | USS/actor (MiB) | pool total (MiB) | rows/s | audit |", "|---|---|---|---|---|---|---|"]
-    for c in ok:
-        if c["params"]["pool"] != pool:
-            continue
-        m = c["metrics"]
+def expected_seconds(s: JobSettings, b: matrix.Settings) -> float:
+    """The job's expected duration on an idle 2-core machine: conformance runs plus the benchmark's estimate."""
+    from . import estimate
 
-        def med(name: str, scale: float = 1.0) -> str:
-            v = m.get(name, {}).get("value")
-            return "n/a" if v is None else f"{v * scale:.0f}"
-
-        lines.append(
-            f"| {c['params']['impl']} (batch {c['params']['batch']}) | {pool} | {med('load_warm_s', 1e3)} | "
-            f"{med('actor_uss_load_bytes', 2**-20)} | {med('pool_total_bytes', 2**-20)} | "
-            f"{med('throughput_rows_s')} | {c.get('validity', '?')} |"
-        )
-    return lines
+    conf = estimate.CONFORMANCE_S * len(s.conformance_impls) if s.conformance else 0.0
+    envs = 2 if any(i == "ray-builtin" for i in b.impls) else 1  # ray-builtin needs a driver of its own
+    return conf + (estimate.run_seconds(b, envs) if s.benchmark else 0.0)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run conformance and the quick benchmark; 0 only if the reference passes and every cell is VALID."""
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    summary = ["# zcbench main job", ""]
+def _conformance(s: JobSettings) -> tuple[int, list[str]]:
+    from . import conformance
+
+    result = conformance.run_matrix(list(s.conformance_impls), s.out / "conformance", ray_address=s.ray_address,
+                                    timeout_s=CONFORMANCE_TIMEOUT_S, command=["zcbench", "main"])  # fmt: skip
+    lines = ["## Conformance (CI profile)", ""] + [f"- {conformance.headline(r)}" for r in result["implementations"].values()]
+    ref = result["implementations"].get("reference")
+    rc = 0 if ref is not None and ref["status"] == "ok" and not any(r["status"] == "failed" for r in ref["results"]) else 1
+    return rc, lines + ["", f"Full table: {s.out / 'conformance' / 'matrix.md'}", ""]
+
+
+def _benchmark(s: JobSettings, b: matrix.Settings, stream: TextIO) -> tuple[int, list[str]]:
+    from . import bench, report
+
+    results = s.out / "bench" / "results.json"
+    doc = bench.new_document(b, bench.implementation_info(b.impls), ["zcbench", "main"] + (["--full"] if s.full else []))
+    try:
+        bench.execute(doc, results, stream=stream)
+    except ConnectionError as exc:
+        return 1, ["## Benchmark", "", f"the measuring process did not start: {exc}", ""]
+    lines = ["## Benchmark" + (" (full matrix)" if s.full else " (quick profile)"), ""]
+    cells = report.ok_cells(doc)
+    if cells:
+        report.write_report(doc, s.out / "bench")
+        lines += report.headline(cells)
+    else:
+        lines.append("no cell finished")
+    failed = [c for c in doc["cells"] if c["status"] == "failed" or c["validity"] == "INVALID"]
+    lines += [f"- `{c['id']}`: {c['status']}/{c['validity']} {c.get('error') or c.get('audit') or ''}" for c in failed]
+    lines += ["", f"Report with plots: {s.out / 'bench' / 'report.md'}", ""]
+    return (1 if failed or not cells else 0), lines
+
+
+def main_job(s: JobSettings, installed: list[str] | None = None, stream: TextIO | None = None) -> int:
+    """Run the job; 0 only if the reference passes conformance and every benchmark cell is VALID."""
+    from . import bench
+    from .estimate import clock
+    from .schema import write_text_atomic
+
+    stream = stream or sys.stderr
+    s.out.mkdir(parents=True, exist_ok=True)
+    b = bench_settings(s, installed if installed is not None else bench.installed_impls())
+    matrix.validate(b)
+    what = "full" if s.full else "quick"
+    print(f"zcbench main ({what}): expected about {clock(expected_seconds(s, b))} on an idle 2-core machine "
+          f"(conformance of {', '.join(s.conformance_impls) if s.conformance else 'nothing'}; benchmark of "
+          f"{len(b.impls)} implementations, {len(matrix.cell_keys(b)) * len(b.impls)} cells x {b.rounds} round(s))",
+          file=stream, flush=True)  # fmt: skip
+    summary = [f"# zcbench main job ({what})", ""]
     rc = 0
-    if not args.skip_conformance:
-        from . import conformance
-
-        matrix = conformance.run_matrix(
-            list(args.impl or CONFORMANCE_IMPLS), out / "conformance", ray_address=args.ray_address, timeout_s=2400
-        )
-        summary += ["## Conformance (CI profile)", ""]
-        summary += [f"- {conformance.headline(r)}" for r in matrix["implementations"].values()]
-        ref = matrix["implementations"].get("reference")
-        if ref is None or ref["status"] != "ok" or any(r["status"] == "failed" for r in ref["results"]):
-            rc = 1
-        summary += ["", f"Full table: {out / 'conformance' / 'matrix.md'}", ""]
-    if not args.skip_bench:
-        bench_rc, doc = _bench(out, args.ray_address)
-        rc = rc or bench_rc
-        summary += ["## Quick benchmark", ""]
-        summary += _pool_headline(doc) if doc else ["the benchmark wrote no results"]
-        summary += ["", f"Report with plots: {out / 'bench' / 'report.md'}", ""]
+    if s.conformance:
+        code, lines = _conformance(s)
+        rc, summary = rc or code, summary + lines
+    if s.benchmark:
+        code, lines = _benchmark(s, b, stream)
+        rc, summary = rc or code, summary + lines
     text = "\n".join(summary) + "\n"
-    (out / "SUMMARY.md").write_text(text)
+    write_text_atomic(s.out / "SUMMARY.md", text)
     print(text)
     return rc
 
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m zcbench.harness.main_job", description=__doc__.split("\n")[0])
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))

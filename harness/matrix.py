@@ -1,19 +1,20 @@
-"""The benchmark matrix: settings, validation of each axis, and the list of cells.
+"""The benchmark matrix: settings, validation of each axis and its range limits, the cells, the input size.
 
-A cell is one (implementation, model, device, pool size, batch size); every axis value
-is checked before anything starts, so a typo fails at once with a clear message.
+A cell is one (implementation, model, device, pool size, batch size). Model names come
+from the one registry, :mod:`zcbench.suites.models`; this module only checks the ranges a shared 2-core machine can
+run and expands model sets (``scale``). Every axis value is checked before anything
+starts, so a typo fails at once with a clear message.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
+from zcbench.suites import models
 
-from zcbench.suites.cases import MIXED, ModelCase, blob_case
 
 VALID_POOLS = (1, 2, 4, 8, 16)
 VALID_BATCHES = (1, 8, 32, 128)
@@ -21,10 +22,11 @@ VALID_DEVICES = ("cpu", "cuda")
 #: Simulated nodes share one host: each costs a raylet, a store and its workers.
 MAX_NODES = 8
 MAX_BLOB_MIB = 1024
-_BLOB = re.compile(r"^mlp-(\d+)mib$")
 MAX_TENSORS = 20000
-TENSOR_WIDTH = 1024  # float32 elements per tensor: 4 KiB each
+_BLOB = re.compile(r"^mlp-(\d+)mib$")
 _TENSORS = re.compile(r"^tensors-(\d+)$")
+#: The quick profile's model: big enough that one copy per actor is plain next to an empty actor (~230 MiB USS).
+QUICK_MODEL = "mlp-256mib"
 
 
 class MatrixError(ValueError):
@@ -33,7 +35,15 @@ class MatrixError(ValueError):
 
 @dataclass
 class Settings:
-    """Everything that defines a run; stored verbatim in the results file."""
+    """Everything that defines a run; stored verbatim in the results file.
+
+    Each round of a cell is one Ray Data job whose every pool actor runs ``warmup_calls``
+    batches (the first and second forward) and then at least ``steady_batches`` more
+    (the steady state); ``rows`` is derived from that unless set. Cells of pools outside
+    ``steady_pools`` run one batch per actor past the warm-up (load and memory only, no
+    throughput). ``audit_batches`` batches of each round are re-run in the driver and
+    compared bit for bit.
+    """
 
     impls: list[str]
     models: list[str]
@@ -41,106 +51,83 @@ class Settings:
     batches: list[int]
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     rounds: int = 3
-    warmup: int = 1
-    rows: int = 1024
+    warmup: int = 0  # unrecorded rounds per cell before the measured ones
+    rows: int | None = None  # None: enough for steady_batches per actor (see rows_for)
+    steady_batches: int = 20
+    steady_pools: list[int] | None = None  # pools whose cells measure the steady state (None: all)
+    warmup_calls: int = 2
+    audit_batches: int = 8
     seed: int = 0
-    cell_timeout_s: float = 300.0
+    cell_timeout_s: float = 600.0
     ray_address: str | None = None
     quick: bool = False
+    full: bool = False
     nodes: int = 1  # simulated nodes of the private cluster (each with its own object store)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Settings":
+    def from_dict(cls, d: dict[str, Any]) -> Settings:
+        """Settings from a results file (keys this version does not know are ignored)."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
 
+def default_settings() -> Settings:
+    """``zcbench run`` without --quick: reference vs naive over the whole pool and batch range."""
+    return Settings(impls=["reference", "naive"], models=["mlp-64mib"], pools=[1, 2, 4, 8], batches=[1, 8, 32, 128])
+
+
 def quick_settings(installed: list[str]) -> Settings:
-    """A small matrix for 2 idle cores: the ``installed`` implementations (reference and naive first),
-    one 64 MiB model, pools 4,1 (largest first: an interrupted run still has the main comparison),
-    batches 8,32, two rounds."""
-    impls = [n for n in ("reference", "naive") if n in installed] + [
-        n for n in installed if n not in ("reference", "naive")
-    ]
-    return Settings(impls=impls, models=["mlp-64mib"], pools=[4, 1], batches=[8, 32], rounds=2, warmup=0, rows=256,
-                    cell_timeout_s=600.0, quick=True)
+    """The headline on 2 idle cores: every installed implementation (reference and naive first), one
+    256 MiB model, pools 2 and 1 (largest first: an interrupted run still has the main comparison;
+    two, not four, because each fresh pool actor costs 3-5 CPU-seconds), one batch size, one round."""
+    impls = ordered_impls(installed)
+    return Settings(impls=impls, models=[QUICK_MODEL], pools=[2, 1], batches=[8], rounds=1, steady_pools=[2],
+                    audit_batches=4, quick=True)  # fmt: skip
 
 
-class ManyTensors(nn.Module):
-    """``n`` small parameters (4 KiB each): load cost per tensor, not per byte, dominates.
-
-    Output column ``i`` is the input's dot product with tensor ``i``, so every tensor shapes the output.
-    """
-
-    def __init__(self, n: int, width: int = TENSOR_WIDTH):
-        super().__init__()
-        self.tensors = nn.ParameterList(nn.Parameter(torch.randn(width)) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x @ t for t in self.tensors], dim=1)
+def full_settings(installed: list[str]) -> Settings:
+    """The committed CPU baseline's matrix: every installed implementation, 256 MiB, pools 1-8, batches 1-128, 3 rounds."""
+    return Settings(impls=ordered_impls(installed), models=[QUICK_MODEL], pools=[1, 2, 4, 8], batches=[1, 8, 32, 128],
+                    rounds=3, full=True)  # fmt: skip
 
 
-def build_many_tensors(n: int) -> nn.Module:
-    torch.manual_seed(0)
-    return ManyTensors(n).eval()
+def ordered_impls(installed: list[str]) -> list[str]:
+    """Reference and naive first (the comparison that matters), then the others in registry order."""
+    return [n for n in ("reference", "naive") if n in installed] + [n for n in installed if n not in ("reference", "naive")]
 
 
-def _many_tensors_inputs() -> tuple:
-    return (torch.randn(8, TENSOR_WIDTH, generator=torch.Generator().manual_seed(2)),)
+def expand_models(names: list[str]) -> list[str]:
+    """Model names with every model set (``scale``) replaced by its members, duplicates dropped."""
+    out: list[str] = []
+    for n in names:
+        out += models.MODEL_SETS.get(n, (n,))
+    return list(dict.fromkeys(out))
 
 
-def tensors_case(n: int) -> ModelCase:
-    """``tensors-<n>``: n parameters of 1024 float32, inputs of width 1024 like the blob MLPs."""
-    from functools import partial
-
-    return ModelCase(f"tensors-{n}", partial(build_many_tensors, n), _many_tensors_inputs)
-
-
-def resolve_model(name: str) -> ModelCase:
-    """``mlp-<N>mib`` (a blob MLP, N ≤ 1024), ``tensors-<N>`` (N 4-KiB tensors, N ≤ 20000), ``mixed``,
-    or a real architecture from zcbench.suites.models."""
-    m = _TENSORS.match(name)
-    if m:
-        n = int(m.group(1))
-        if not 1 <= n <= MAX_TENSORS:
+def resolve_model(name: str) -> models.ModelCase:
+    """The case called ``name`` after the range check: ``mlp-<N>mib`` (N ≤ 1024), ``tensors-<N>`` (N ≤ 20000),
+    or any other name of zcbench.suites.models."""
+    if m := _TENSORS.match(name):
+        if not 1 <= int(m.group(1)) <= MAX_TENSORS:
             raise MatrixError(f"model {name!r}: tensor count must be 1..{MAX_TENSORS}")
-        return tensors_case(n)
-    m = _BLOB.match(name)
-    if m:
-        mib = int(m.group(1))
-        if not 1 <= mib <= MAX_BLOB_MIB:
+    elif m := _BLOB.match(name):
+        if not 1 <= int(m.group(1)) <= MAX_BLOB_MIB:
             raise MatrixError(f"model {name!r}: blob size must be 1..{MAX_BLOB_MIB} MiB")
-        return blob_case(mib)
-    if name == MIXED.name:
-        return MIXED
     try:
-        from zcbench.suites import models  # written separately; optional
-    except ImportError:
-        models = None
-    if models is not None:
-        get_case = getattr(models, "get_case", None)
-        real = getattr(models, "REAL_CASES", {})
-        try:
-            if get_case is not None:
-                return get_case(name)
-            if name in real:
-                return real[name]
-        except (KeyError, ValueError, LookupError):
-            pass
-    raise MatrixError(f"unknown model {name!r}: use mlp-<N>mib (N in 1..{MAX_BLOB_MIB}), tensors-<N> (N in 1..{MAX_TENSORS}), {MIXED.name!r}, or one of {real_model_names()}")
+        return models.get(name)
+    except models.UnknownModelError as exc:
+        raise MatrixError(f"{exc}, or a set: {', '.join(models.MODEL_SETS)}") from None
 
 
-def real_model_names() -> list[str]:
-    """Names of real architectures, empty when zcbench.suites.models is not there."""
-    try:
-        from zcbench.suites import models
-    except ImportError:
-        return []
-    real = getattr(models, "REAL_CASES", {})
-    return sorted(real.keys() if isinstance(real, dict) else (getattr(c, "name", str(c)) for c in real))
+def missing_requirements(name: str) -> list[str]:
+    """Modules model ``name`` needs that cannot be imported here."""
+    import importlib.util
+
+    needs = models.REQUIREMENTS.get(name, ())
+    return [mod for mod in needs if importlib.util.find_spec(mod) is None]
 
 
 def validate(settings: Settings, cuda_available: bool | None = None) -> None:
@@ -167,11 +154,14 @@ def validate(settings: Settings, cuda_available: bool | None = None) -> None:
         raise MatrixError("no model chosen")
     for m in settings.models:
         resolve_model(m)
-    if settings.rounds < 1:
-        raise MatrixError("--rounds must be at least 1")
-    if settings.warmup < 0:
-        raise MatrixError("--warmup must be 0 or more")
-    if settings.rows < 1:
+        missing = missing_requirements(m)
+        if missing:
+            raise MatrixError(f"model {m!r} needs {', '.join(missing)} (pip install 'zcbench[compare]')")
+    for name, value, low in (("--rounds", settings.rounds, 1), ("--warmup", settings.warmup, 0),
+                             ("--steady-batches", settings.steady_batches, 1), ("--audit-batches", settings.audit_batches, 1)):  # fmt: skip
+        if value < low:
+            raise MatrixError(f"{name} must be at least {low}")
+    if settings.rows is not None and settings.rows < 1:
         raise MatrixError("--rows must be at least 1")
     if not 1 <= settings.nodes <= MAX_NODES:
         raise MatrixError(f"--nodes must be between 1 and {MAX_NODES} (simulated nodes on this host), not {settings.nodes}")
@@ -193,3 +183,44 @@ def cell_keys(settings: Settings) -> list[dict[str, Any]]:
         for p in settings.pools
         for b in settings.batches
     ]
+
+
+#: Rows margin over the bare need: Ray Data hands blocks to whichever actor is free and starts the
+#: actors on batches seconds apart, so the last to start runs fewer batches than its share.
+ROWS_SLACK = 2.0
+#: Smallest input block, and blocks per actor: small blocks balance the pool, tiny ones cost task overhead.
+MIN_BLOCK_ROWS = 64
+BLOCKS_PER_ACTOR = 4
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How many rows one round pushes through the pipeline and in how many files (one block each)."""
+
+    rows: int
+    files: int
+
+
+def is_steady(settings: Settings, pool: int) -> bool:
+    """Whether cells of this pool size measure the steady state."""
+    return settings.steady_pools is None or pool in settings.steady_pools
+
+
+def rows_for(settings: Settings, pool: int, batch: int) -> InputPlan:
+    """Rows enough for every actor to run the warm-up calls and ``steady_batches`` full batches after them.
+
+    Each file (one read block) holds a whole number of batches, so no batch is cut short
+    at a block boundary and every steady batch has the same shape. An explicit
+    ``settings.rows`` (for models whose batches are expensive) is rounded up to blocks of
+    two batches.
+    """
+    if settings.rows is not None:
+        files = max(1, math.ceil(settings.rows / (2 * batch)))
+        return InputPlan(files * 2 * batch, files)
+    if not is_steady(settings, pool):  # load and memory only: each actor runs its warm-up calls and one more
+        files = pool * math.ceil((settings.warmup_calls + 1) / 2)
+        return InputPlan(files * 2 * batch, files)
+    per_block = max(2, math.ceil(MIN_BLOCK_ROWS / batch)) * batch
+    need = pool * (settings.warmup_calls + settings.steady_batches) * batch * ROWS_SLACK
+    files = max(math.ceil(need / per_block), pool * BLOCKS_PER_ACTOR)
+    return InputPlan(files * per_block, files)

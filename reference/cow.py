@@ -11,12 +11,20 @@ The store's file is deleted from /dev/shm, so it is reopened through
 ``/proc/self/map_files`` (needs CAP_SYS_ADMIN, e.g. root) or, for an ordinary user,
 through the store's own open descriptor in the raylet (same user, readable under
 ``/proc/<pid>/fd``). If neither works, the caller decides: raise, or copy.
+
+A fresh private mapping has no pages yet: the first forward pass would fault in every
+page of the weights. :func:`prefault` maps them readable ahead of time, still shared.
 """
 
 from __future__ import annotations
 
+import _thread
+import ctypes
+import fcntl
 import mmap
 import os
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,10 +54,10 @@ class _Pinned(np.ndarray):
 def store_mappings() -> list[_Mapping]:
     """The object-store mappings of this process (lines of /proc/self/maps with 'plasma')."""
     found = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "plasma" not in line:
-                continue
+    with open("/proc/self/maps", "rb") as maps:
+        text = maps.read().decode(errors="replace")  # one read: a worker with torch has ~2,000 lines
+    for line in text.splitlines():
+        if "plasma" in line:
             parts = line.split(maxsplit=5)
             start, end = (int(x, 16) for x in parts[0].split("-"))
             major, minor = (int(x, 16) for x in parts[3].split(":"))
@@ -112,40 +120,148 @@ def _open_checked(path: str, m: _Mapping) -> int | None:
     return fd
 
 
-def private_views(arrays: list[np.ndarray], keep: object) -> list[np.ndarray] | None:
+_known: list[_Mapping] = []  # this process's store mappings, as last seen
+
+#: ioctl(PROCMAP_QUERY) on /proc/self/maps (Linux 6.11+): the one mapping at an address.
+_PROCMAP_QUERY = 0xC0686611  # _IOWR('f', 17, struct procmap_query)
+_QUERY = struct.Struct("=9Q4I2Q")  # struct procmap_query: 104 bytes
+
+
+def query_mapping(addr: int) -> _Mapping | None:
+    """The store mapping covering ``addr``, asked of the kernel directly; None if that is not possible.
+
+    Reading all of /proc/self/maps costs about 0.7 ms in a worker that imported torch (700
+    mappings), most of a fresh actor's load of a model of few tensors; this asks for one.
+    """
+    name = ctypes.create_string_buffer(512)  # a longer path fails (E2BIG): /proc/self/maps is read instead
+    query = bytearray(_QUERY.pack(_QUERY.size, 0, addr, 0, 0, 0, 0, 0, 0, 0, 0, len(name), 0, ctypes.addressof(name), 0))
+    try:
+        fd = os.open("/proc/self/maps", os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, _PROCMAP_QUERY, query, True)
+        finally:
+            os.close(fd)
+    except OSError:  # an older kernel (ENOTTY/EINVAL), or no mapping at addr (ENOENT)
+        return None
+    _, _, _, start, end, _, _, offset, inode, major, minor, *_ = _QUERY.unpack(query)
+    path = name.value.decode(errors="replace")
+    if "plasma" not in path:
+        return None
+    return _Mapping(start, end, offset, os.makedev(major, minor), inode, path)
+
+
+def _mapping_of(lo: int, hi: int) -> _Mapping | None:
+    """The store mapping holding ``[lo, hi)``: one remembered, else asked of the kernel, else read from /proc/self/maps."""
+    global _known
+
+    def covers(m: _Mapping | None) -> bool:
+        return m is not None and m.start <= lo and hi <= m.end
+
+    found = next((m for m in _known if covers(m)), None) or query_mapping(lo)
+    if not covers(found):
+        _known = store_mappings()
+        found = next((m for m in _known if covers(m)), None)
+    elif found not in _known:
+        _known.append(found)
+    return found
+
+
+def private_views(arrays: Sequence[np.ndarray], keep: object) -> list[np.ndarray] | None:
     """Copy-on-write views with the same bytes as ``arrays`` (all inside the store).
 
     Returns None when no private mapping can be made in this process.
     """
+    global _known
     if os.environ.get("ZCBENCH_DISABLE_COW") == "1":  # lets tests exercise the fallback
         return None
-    addrs = [(a.__array_interface__["data"][0], a.nbytes) for a in arrays if a.nbytes]
-    if not addrs:
-        return [np.empty(0, np.uint8) for _ in arrays]
-    lo = min(a for a, _ in addrs)
-    hi = max(a + n for a, n in addrs)
-    mapping = next((m for m in store_mappings() if m.start <= lo and hi <= m.end), None)
-    if mapping is None:
-        return None
-    fd = _open_store_file(mapping)
-    if fd is None:
-        return None
-    page = mmap.PAGESIZE
-    first = (lo - mapping.start) // page * page
-    base = mapping.start + first
-    try:
-        region = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=mapping.offset + first)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    pinned = np.frombuffer(region, dtype=np.uint8).view(_Pinned)
-    pinned.keep = keep
-    views = []
-    for a in arrays:
-        if not a.nbytes:
-            views.append(np.empty(0, np.uint8))
-            continue
-        start = a.__array_interface__["data"][0] - base
-        views.append(np.asarray(pinned[start : start + a.nbytes]))
+    views = _private_views(arrays, keep)
+    if views is None and _known:  # a remembered mapping may have been replaced since: look again
+        _known = []
+        views = _private_views(arrays, keep)
     return views
+
+
+def _private_views(arrays: Sequence[np.ndarray], keep: object) -> list[np.ndarray] | None:
+    # The arrays may lie in different mappings (objects the store placed in another file):
+    # one private mapping per store mapping, spanning the arrays that lie in it.
+    groups: dict[_Mapping, list[int]] = {}
+    for i, a in enumerate(arrays):
+        if a.nbytes:
+            addr = a.__array_interface__["data"][0]
+            mapping = _mapping_of(addr, addr + a.nbytes)
+            if mapping is None:
+                return None
+            groups.setdefault(mapping, []).append(i)
+    views = [np.empty(0, np.uint8) for _ in arrays]
+    page = mmap.PAGESIZE
+    for mapping, members in groups.items():
+        addrs = [arrays[i].__array_interface__["data"][0] for i in members]
+        lo, hi = min(addrs), max(a + arrays[i].nbytes for a, i in zip(addrs, members))
+        fd = _open_store_file(mapping)
+        if fd is None:
+            return None
+        base = mapping.start + (lo - mapping.start) // page * page
+        try:
+            region = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=mapping.offset + base - mapping.start)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        pinned = np.frombuffer(region, dtype=np.uint8).view(_Pinned)
+        pinned.keep = keep
+        for i, addr in zip(members, addrs):
+            views[i] = np.asarray(pinned[addr - base : addr - base + arrays[i].nbytes])
+    return views
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault pages in readable; private file pages stay shared
+
+
+def prefault(views: Sequence[np.ndarray]) -> None:
+    """Map the pages of ``views`` readable in a background thread; no page is copied.
+
+    ``madvise(MADV_POPULATE_READ)`` through ctypes releases the GIL, so the caller's load
+    returns at once; on kernels without it, one byte per page is read instead.
+    (``MADV_WILLNEED`` would only read the file ahead, and the store's pages are in memory
+    already: it maps nothing.)
+    """
+    views = [v for v in views if v.nbytes]
+    if views:
+        # Not threading.Thread: its start() waits until the new thread runs, milliseconds on a busy machine.
+        _thread.start_new_thread(_populate, (views,))
+
+
+#: Pages are populated this many bytes at a time: the kernel holds the process's mmap lock
+#: while it populates, and an mmap/munmap elsewhere in the process (a large allocation in
+#: the first forward pass, the next load) waits for the lock at most one chunk (~1 ms).
+_CHUNK = 8 * 2**20
+
+
+def _populate(views: list[np.ndarray]) -> None:
+    # ``views`` keep the mapping alive while the kernel walks it.
+    page = mmap.PAGESIZE
+    for view in views:
+        addr = view.__array_interface__["data"][0]
+        end = addr + view.nbytes
+        for start in range(addr // page * page, end, _CHUNK):
+            if _madvise(start, min(_CHUNK, end - start), _MADV_POPULATE_READ) != 0:
+                rest = view[max(0, start - addr) :]
+                int(rest[::page].sum()) + int(rest[-1])  # read one byte per page (numpy drops the GIL too)
+                break
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+# Loaded at import: done in the prefault thread it would hold the GIL ~0.1 ms while the load returns.
+_libc = _load_libc()
+
+
+def _madvise(addr: int, length: int, advice: int) -> int:
+    return -1 if _libc is None else _libc.madvise(addr, length, advice)

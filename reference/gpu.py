@@ -9,13 +9,18 @@ Design (what ``ModelWrapper.load(device="cuda"...)`` does):
 * Owner: one detached Ray actor per (node, physical GPU, wrapper), named from the node
   id, the GPU's UUID and the wrapper's object id, pinned to the node (0 CPU, 0 GPU), and
   restricted to that GPU by ``CUDA_VISIBLE_DEVICES=<UUID>`` so fractional actors
-  (``num_gpus=0.25``) and any device numbering meet the same owner. It copies each
-  unique storage to the device once and exports it with ``reduce_tensor``.
-* Consumers rebuild each storage with ``rebuild_cuda_tensor`` on their own device index
-  and rebuild views, ties and parameters with the CPU path's ``unpack``.
-* Lifetime: the owner counts leases (one per ``load``); a lease ends when every storage
-  it rebuilt is garbage (``weakref.finalize``) or its process dies (the owner polls
-  consumer pids). The last lease's end frees the storages, calls
+  (``num_gpus=0.25``) and any device numbering meet the same owner. It copies the
+  model's segments (see :mod:`.packing`) into ONE device allocation
+  (:func:`device_layout`, 256-byte aligned offsets) and exports that one buffer with
+  ``reduce_tensor``: one IPC handle, one ref-counter slot and one CUDA event per consumer,
+  whatever the tensor count (each handle costs an open of ~0.45 ms, sometimes far more,
+  and torch keeps at most ~1,000 IPC events in flight).
+* Consumers map the buffer with ``rebuild_cuda_tensor`` on their own device index, slice
+  it into segments and storages (slices share the memory) and rebuild views, ties and
+  parameters with the CPU path's ``unpack``.
+* Lifetime: the owner counts leases (one per ``load``); a lease ends when the mapped
+  buffer is garbage (``weakref.finalize``; torch keeps a storage's Python object while
+  any slice or tensor uses it) or its process dies (the owner polls consumer pids). The last lease's end frees the storages, calls
   ``torch.cuda.ipc_collect()`` and ends the owner (an owner never leased for
   ``UNUSED_GRACE_S`` ends too). If the owner dies while tensors are
   in use, those tensors point at freed device memory: using them is undefined (CUDA
@@ -50,8 +55,8 @@ import ray
 import torch
 
 from .errors import DeviceUnavailableError, IsolationUnavailableError, ModelLostError
-from .packing import Payload
-from .unpacking import storages_from, unpack
+from .packing import ALIGNMENT, Payload, layout
+from .unpacking import slice_storages, storages_from, unpack
 
 OWNER_NAMESPACE = "zcbench-reference-gpu"
 GPU_ISOLATIONS = ("auto", "shared", "copy", "cow")
@@ -61,7 +66,8 @@ REAP_INTERVAL_S = 5.0
 UNUSED_GRACE_S = 120.0
 _ACQUIRE_ATTEMPTS = 3
 
-Handle = tuple  # the argument tuple of torch's rebuild_cuda_tensor, or None for an empty storage
+Handle = tuple  # the argument tuple of torch's rebuild_cuda_tensor, or None for an empty model
+Extents = list[tuple[int, int]]  # (byte offset, length) of each segment in the device buffer
 
 
 # --- pure logic (tested without a GPU) -------------------------------------------------
@@ -141,6 +147,31 @@ def check_isolation(isolation: str) -> str:
             "for a private device copy or 'auto'/'shared' to share it read-only by convention"
         )
     return "copy" if isolation == "copy" else "shared"
+
+
+def device_layout(lengths: Sequence[int], alignment: int = ALIGNMENT) -> tuple[Extents, int]:
+    """Where each segment goes in the one device buffer: ``(offset, length)`` each, and the buffer's size.
+
+    Offsets are multiples of ``alignment``; storages inside a segment are aligned the same
+    way (:data:`.packing.ALIGNMENT`), so every storage is aligned in device memory too.
+    """
+    offsets, total = layout(lengths, alignment)
+    return list(zip(offsets, lengths)), total
+
+
+def copy_segments(arrays: Sequence[Any], device: torch.device) -> tuple[torch.Tensor, Extents]:
+    """One uint8 allocation on ``device`` holding every segment at its :func:`device_layout` offset."""
+    extents, total = device_layout([int(a.nbytes) for a in arrays])
+    buffer = torch.empty(total, dtype=torch.uint8, device=device)
+    for source, (offset, length) in zip(storages_from(arrays), extents):
+        if length:
+            buffer[offset : offset + length].copy_(torch.empty(0, dtype=torch.uint8).set_(source))
+    return buffer, extents
+
+
+def segment_views(base: torch.UntypedStorage, extents: Extents) -> list[torch.UntypedStorage]:
+    """The segments as slices of the mapped buffer (no copy)."""
+    return [base[offset : offset + length] for offset, length in extents]
 
 
 @dataclass
@@ -227,7 +258,7 @@ def watch(storages: Sequence[torch.UntypedStorage], lease: ConsumerLease) -> Non
 class OwnerClient(Protocol):
     """How a consumer talks to the owner (a Ray actor in production, a fake in tests)."""
 
-    def acquire(self, pid: int) -> tuple[int, list[Handle | None]] | None: ...
+    def acquire(self, pid: int) -> tuple[int, Handle | None, Extents] | None: ...
 
     def release(self, lease: int) -> None: ...
 
@@ -238,34 +269,34 @@ def load_shared(
     client: OwnerClient,
     rebuild: Callable[[Handle, torch.device], torch.UntypedStorage],
 ) -> Any:
-    """Rebuild the model from storages the owner exports; the lease ends when they are all freed."""
+    """Rebuild the model from the owner's one exported buffer; the lease ends when nothing uses it."""
     answer = client.acquire(os.getpid())
     if answer is None:
         raise ModelLostError("the GPU owner of these weights is shutting down")
-    lease_id, handles = answer
-    if len(handles) != len(payload.storages):
-        raise ModelLostError(f"the GPU owner exported {len(handles)} storages, the model has {len(payload.storages)}")
-    storages, shared = [], []
-    for handle in handles:
-        if handle is None:  # zero-byte storages have no device block to export
-            storages.append(torch.UntypedStorage(0, device=device))
-        else:
-            storages.append(rebuild(handle, device))
-            shared.append(storages[-1])
-    lease = ConsumerLease(lambda: client.release(lease_id), len(shared))
-    watch(shared, lease)
+    lease_id, handle, extents = answer
+    if len(extents) != len(payload.segments):
+        raise ModelLostError(f"the GPU owner exported {len(extents)} segments, the model has {len(payload.segments)}")
+    if handle is None:  # a model of empty tensors only: there is no device block to export
+        base = torch.UntypedStorage(0, device=device)
+        lease = ConsumerLease(lambda: client.release(lease_id), 0)
+    else:
+        base = rebuild(handle, device)
+        lease = ConsumerLease(lambda: client.release(lease_id), 1)
+        watch([base], lease)
+    storages = slice_storages(segment_views(base, extents), payload.places)
     try:
-        return unpack(payload, storages, device)
+        return unpack(payload, storages)
     finally:
-        del storages, shared  # only the model's tensors may keep the lease open
+        del base, storages  # only the model's tensors may keep the lease open
 
 
-def private_copy(payload: Payload, device: torch.device) -> list[torch.UntypedStorage]:
-    """One host-to-device copy per unique storage (views and ties survive because unpack rebuilds them)."""
-    out = []
-    for s in storages_from(payload.storages):
-        out.append(torch.empty(0, dtype=torch.uint8).set_(s).to(device).untyped_storage())
-    return out
+def private_copy(payload: Payload, device: torch.device, arrays: Sequence[Any] | None = None) -> list[torch.UntypedStorage]:
+    """The storages copied into one private allocation on ``device`` (views and ties survive: unpack rebuilds them).
+
+    ``arrays`` are the payload's segments if already fetched.
+    """
+    buffer, extents = copy_segments(payload.segment_arrays() if arrays is None else arrays, device)
+    return slice_storages(segment_views(buffer.untyped_storage(), extents), payload.places)
 
 
 # --- CUDA side (runs only where CUDA exists) -------------------------------------------
@@ -278,7 +309,7 @@ def _device_arg() -> int:
 
 
 def export(t: torch.Tensor) -> Handle:
-    """The IPC handle of a CUDA uint8 tensor covering one whole storage."""
+    """The IPC handle of a CUDA uint8 tensor covering one whole allocation."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     _, args = reduce_tensor(t)
@@ -286,7 +317,7 @@ def export(t: torch.Tensor) -> Handle:
 
 
 def rebuild(handle: Handle, device: torch.device) -> torch.UntypedStorage:
-    """Map an exported storage into this process on ``device`` (the same physical GPU, our numbering)."""
+    """Map the exported buffer into this process on ``device`` (the same physical GPU, our numbering)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     args = list(handle)
@@ -325,28 +356,23 @@ class GpuOwner:
         if seen != normalize_uuid(gpu_uuid):
             raise DeviceUnavailableError(f"GPU owner wanted {normalize_uuid(gpu_uuid)} but CUDA shows {seen}")
         payload = ray.get(ref_box[0])
-        device = torch.device("cuda", 0)
-        self._tensors: list[torch.Tensor | None] = []
-        for s in storages_from(payload.storages):
-            if s.nbytes() == 0:
-                self._tensors.append(None)
-            else:
-                self._tensors.append(torch.empty(0, dtype=torch.uint8).set_(s).to(device))
+        self._buffer, self._extents = copy_segments(payload.segment_arrays(), torch.device("cuda", 0))
         torch.cuda.synchronize()
-        self.nbytes = sum(t.numel() for t in self._tensors if t is not None)
+        self.nbytes = self._buffer.numel()
         del payload, ref_box
         self._leases = Leases()
         self._lock = threading.Lock()
         self._closing = False
         threading.Thread(target=self._reaper, args=(reap_interval_s,), daemon=True).start()
 
-    def acquire(self, pid: int) -> tuple[int, list] | None:
+    def acquire(self, pid: int) -> tuple[int, Handle | None, Extents] | None:
         with self._lock:
-            if self._closing:
+            if self._closing or self._buffer is None:
                 return None
             # A fresh export per consumer: each export carries one count of torch's IPC
             # ref-counter, which that consumer's rebuild releases (once) when it frees it.
-            return self._leases.acquire(pid), [None if t is None else export(t) for t in self._tensors]
+            handle = export(self._buffer) if self.nbytes else None
+            return self._leases.acquire(pid), handle, self._extents
 
     def release(self, lease: int) -> None:
         with self._lock:
@@ -380,7 +406,7 @@ class GpuOwner:
             if self._closing or not self._leases.should_close(unused_for):
                 return
             self._closing = True
-            self._tensors = []
+            self._buffer = None
         gc.collect()
         torch.cuda.ipc_collect()
         try:
@@ -396,7 +422,7 @@ class _RayOwner:
         self._handle = handle
         self._timeout = timeout_s
 
-    def acquire(self, pid: int) -> tuple[int, list] | None:
+    def acquire(self, pid: int) -> tuple[int, Handle | None, Extents] | None:
         try:
             return ray.get(self._handle.acquire.remote(pid), timeout=self._timeout)
         except ray.exceptions.GetTimeoutError as exc:
@@ -443,7 +469,8 @@ def load(wrapper: Any, device: torch.device, isolation: str, timeout_s: float | 
     target = resolve_here(device)
     payload = wrapper._fetch(timeout_s)
     if mode == "copy":
-        return unpack(payload, private_copy(payload, target), target)
+        arrays = payload.segment_arrays(lambda refs: wrapper._fetch(timeout_s, refs))
+        return unpack(payload, private_copy(payload, target, arrays))
     last: ModelLostError | None = None
     for attempt in range(_ACQUIRE_ATTEMPTS):
         # A new owner replaces one that is shutting down (its last lease just ended) or died.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -18,9 +18,9 @@ from .errors import (
     StoreCapacityError,
     UnknownModeError,
 )
-from .packing import Payload, pack
+from .packing import Payload, public_methods, split
 from .task_mode import TaskModel
-from .unpacking import storages_from, unpack
+from .unpacking import gc_paused, slice_storages, storages_from, unpack_buffers
 
 Mode = Literal["actor", "task"]
 Isolation = Literal["auto", "cow", "copy"]
@@ -30,7 +30,11 @@ _ISOLATIONS = ("auto", "cow", "copy")
 
 @dataclass(frozen=True)
 class WrapperInfo:
-    """What a wrapper describes, known without touching the weights."""
+    """What a wrapper describes, known without touching the weights.
+
+    ``submodules`` lists, for task mode, the top-level modules reachable as
+    ``loaded.<name>`` with the methods each exposes.
+    """
 
     name: str
     mode: str
@@ -38,6 +42,7 @@ class WrapperInfo:
     num_tensors: int
     num_storages: int
     methods: tuple[str, ...]
+    submodules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class ModelWrapper:
@@ -46,6 +51,31 @@ class ModelWrapper:
     Create it in the driver with :meth:`from_model`, pass it to actors (for example in
     Ray Data's ``fn_constructor_kwargs``) and call :meth:`load` there: every actor on a
     node then uses the same physical pages, and writes stay private to the writer.
+
+    Drop-in for ``ray_zerocopy.ModelWrapper``: ``from_model(obj, mode, model_attr_names,
+    method_names)``, :meth:`for_tasks`, :meth:`serialize` / :meth:`deserialize` and
+    ``load(_use_fast_load=...)`` are accepted, and in task mode ``loaded.encoder(x)`` runs
+    the pipeline's submodule in a task. Differences kept on purpose:
+
+    * Every tensor of the object is shared, wherever it sits (nested objects, lists, dicts),
+      not only modules in top-level attributes; ``model_attr_names`` only picks which
+      submodules task mode exposes, and a name that is not a module raises ``TypeError``
+      (ray_zerocopy skips it silently).
+    * Loading keeps the model exactly as it was: train/eval mode per module, Parameters
+      with their ``requires_grad``, tied weights as one object, bf16; ray_zerocopy sets
+      eval mode and ``requires_grad=False`` and loads under ``inference_mode``.
+      ``_use_fast_load`` is accepted and ignored (always exact).
+    * Writes stay private to the writer (copy-on-write); in ray_zerocopy they reach every
+      process on the node.
+    * In task mode ``loaded(x)`` and the pipeline's own methods run *in* one task (the
+      pipeline's code runs remotely; submodule calls inside it are local there), and
+      ``load()`` returns a :class:`TaskModel`, not an object of the pipeline's class, so
+      plain attributes (``loaded.threshold``) are not readable from it.
+      ray_zerocopy runs the pipeline's code in the driver and one task per submodule call.
+      Task-mode calls run with autograd as the caller's code does; ray_zerocopy wraps them
+      in ``torch.no_grad()``.
+    * ``serialize()`` returns ``{"ref": ..., <WrapperInfo fields>}``, not ray_zerocopy's
+      skeleton and ``model_info``; there is no ``model_refs`` (one object holds the model).
     """
 
     def __init__(self, ref: ray.ObjectRef, info: WrapperInfo):
@@ -73,6 +103,8 @@ class ModelWrapper:
         cls,
         model_or_pipeline: Any,
         mode: Mode = "actor",
+        model_attr_names: list[str] | tuple[str, ...] | None = None,
+        method_names: tuple[str, ...] | list[str] | None = None,
         *,
         name: str | None = None,
         share_driver_model: bool = False,
@@ -83,25 +115,52 @@ class ModelWrapper:
         in attributes, lists, tuples or dicts. ``share_driver_model=True`` also re-points
         the driver's own tensors at (copy-on-write views of) the stored bytes, so the node
         holds exactly one copy; the driver's model must then be on the CPU.
+        ``model_attr_names`` / ``method_names`` (as in ray_zerocopy) choose what task mode
+        exposes: the top-level submodules reachable as ``loaded.<name>``, and the methods of
+        a module (default: every public method of its class, plus ``__call__``).
         Raises :class:`StoreCapacityError` before anything is stored if the weights are
         larger than this node's object store.
         """
         if mode not in _MODES:
             raise UnknownModeError(f"unknown mode {mode!r}; expected one of {', '.join(map(repr, _MODES))}")
-        payload, originals = pack(model_or_pipeline)
+        packed = split(model_or_pipeline)
+        packed.methods, submodules = _task_surface(model_or_pipeline, model_attr_names, method_names)
         info = WrapperInfo(
             name=name or type(model_or_pipeline).__qualname__,
             mode=mode,
-            nbytes=payload.nbytes,
-            num_tensors=len(payload.specs),
-            num_storages=len(payload.storages),
-            methods=payload.methods,
+            nbytes=packed.nbytes,
+            num_tensors=len(packed.specs),
+            num_storages=len(packed.storages),
+            methods=packed.methods,
+            submodules=submodules,
         )
+        if share_driver_model and any(t.device.type != "cpu" for t in packed.originals):
+            raise DeviceUnavailableError("share_driver_model=True needs the driver's model on the CPU")
         _check_fits(info)
-        wrapper = cls(ray.put(payload), info)
+        wrapper = cls(ray.put(packed.payload()), info)
         if share_driver_model:
-            wrapper._repoint(originals)
+            wrapper._repoint(packed.originals)
         return wrapper
+
+    @classmethod
+    def for_tasks(cls, model_or_pipeline: Any, method_names: tuple[str, ...] | None = None) -> TaskModel:
+        """ray_zerocopy's shortcut: ``from_model(obj, mode="task", method_names=...).load()``."""
+        return cls.from_model(model_or_pipeline, mode="task", method_names=method_names).load()
+
+    def serialize(self) -> dict[str, Any]:
+        """The wrapper as a plain dict (its ObjectRef and description); :meth:`deserialize` takes it back."""
+        return {"ref": self._ref, **asdict(self.info)}
+
+    @classmethod
+    def deserialize(cls, ref: ray.ObjectRef | None = None, **info: Any) -> ModelWrapper:
+        """The wrapper that :meth:`serialize` described: ``ModelWrapper.deserialize(**state)``."""
+        expected = {f.name for f in fields(WrapperInfo)}
+        if not isinstance(ref, ray.ObjectRef) or not expected >= set(info):
+            raise TypeError(
+                f"not a state from zcbench's ModelWrapper.serialize() (keys {sorted(info)}); "
+                "a ray_zerocopy state cannot be loaded here: wrap the model again"
+            )
+        return cls(ref, WrapperInfo(**info))
 
     def as_actor_mode(self) -> ModelWrapper:
         """The same shared weights, loaded as a model rather than a task proxy."""
@@ -114,6 +173,7 @@ class ModelWrapper:
         isolation: Isolation = "auto",
         timeout_s: float | None = 600.0,
         task_options: dict | None = None,
+        _use_fast_load: bool = False,
     ) -> Any:
         """Rebuild the model with its tensors as views of the shared weights.
 
@@ -124,20 +184,29 @@ class ModelWrapper:
         to ``"copy"`` with a warning. Writes never reach other processes.
         On CUDA (``device=None`` means the GPU Ray gave this actor, if any) every actor on
         a GPU maps one shared copy, writable by convention only: see :mod:`.gpu`.
+        ``_use_fast_load`` is accepted for ray_zerocopy's callers and changes nothing.
         """
         if self.info.mode == "task":
-            return TaskModel(self, self.info.methods, task_options)
+            return TaskModel(self, self.info.methods, task_options, self.info.submodules)
         target = _resolve_device(gpu.default_here() if device is None else device)
-        if target.type == "cuda":
-            return gpu.load(self, target, isolation, timeout_s)
-        if isolation not in _ISOLATIONS:
+        if target.type != "cuda" and isolation not in _ISOLATIONS:
             raise ValueError(f"unknown isolation {isolation!r}; expected one of {', '.join(_ISOLATIONS)}")
-        payload = self._fetch(timeout_s)
-        return unpack(payload, storages_from(self._buffers(payload, isolation)), target)
+        with gc_paused():
+            if target.type == "cuda":
+                return gpu.load(self, target, isolation, timeout_s)
+            payload = self._fetch(timeout_s)
+            buffers, mapped = self._segments(payload, isolation, timeout_s)
+            model = unpack_buffers(payload, buffers)
+        if mapped:
+            # Started last: while the kernel maps pages it holds the process's mmap lock,
+            # which the allocations of the rebuild above would otherwise wait for.
+            cow.prefault(buffers)
+        return model
 
-    def _fetch(self, timeout_s: float | None) -> Payload:
+    def _fetch(self, timeout_s: float | None, refs: list[ray.ObjectRef] | None = None) -> Any:
+        """``ray.get`` of the payload (or of ``refs``), with lost or late weights as ModelLostError."""
         try:
-            return ray.get(self._ref, timeout=timeout_s)
+            return ray.get(self._ref if refs is None else refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             raise ModelLostError(
                 f"the weights of {self.info.name} ({self._ref.hex()}) did not arrive within {timeout_s} s"
@@ -148,12 +217,15 @@ class ModelWrapper:
                 f"{type(exc).__name__}; keep the wrapper (and the driver that made it) alive while actors load"
             ) from exc
 
-    def _buffers(self, payload: Payload, isolation: str) -> list[np.ndarray]:
+    def _segments(self, payload: Payload, isolation: str, timeout_s: float | None) -> tuple[list[np.ndarray], bool]:
+        """The payload's segments as arrays this process may write, and whether they are
+        copy-on-write views of the store (True) or private copies (False)."""
+        shared = payload.segment_arrays(lambda refs: self._fetch(timeout_s, refs))
         views = None
         if isolation != "copy":
-            views = cow.private_views(payload.storages, keep=(self._ref, payload.storages))
+            views = cow.private_views(shared, keep=(self._ref, payload, shared))
         if views is not None:
-            return views
+            return views, True
         if isolation == "cow":
             raise IsolationUnavailableError(
                 "no copy-on-write mapping of the object store is possible in this process "
@@ -167,17 +239,47 @@ class ModelWrapper:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return [np.array(s, copy=True) for s in payload.storages]
+        # torch's allocator aligns to 64 bytes like the original storages (numpy only to 16).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read here
+            return [torch.empty(s.nbytes, dtype=torch.uint8).copy_(torch.from_numpy(s)).numpy() for s in shared], False
 
     def _repoint(self, originals: list[torch.Tensor]) -> None:
-        payload = self._fetch(None)
-        if any(t.device.type != "cpu" for t in originals):
-            raise DeviceUnavailableError("share_driver_model=True needs the driver's model on the CPU")
-        storages = storages_from(self._buffers(payload, "auto"))
+        with gc_paused():
+            payload = self._fetch(None)
+            # No prefault here: the driver already maps these pages once (it wrote them), and
+            # mapping them a second time would double its RSS, though not its memory.
+            buffers, _ = self._segments(payload, "auto", None)
+            storages = slice_storages(storages_from(buffers), payload.places)
         with torch.no_grad():
-            for t, spec in zip(originals, payload.specs):
-                view = torch.empty(0, dtype=spec.dtype).set_(storages[spec.storage], spec.offset, spec.shape, spec.stride)
-                t.data = view
+            for t, (storage, dtype, shape, stride, offset, *_) in zip(originals, payload.specs):
+                t.data = torch.empty(0, dtype=dtype).set_(storages[storage], offset, shape, stride)
+
+
+def _task_surface(
+    obj: Any, model_attr_names: list[str] | tuple[str, ...] | None, method_names: tuple[str, ...] | list[str] | None
+) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]:
+    """What a task-mode load exposes: the root's methods, and its top-level submodules with theirs.
+
+    As in ray_zerocopy, ``method_names`` restricts the methods of modules (``__call__`` is
+    always kept) and a pipeline's own methods stay all available.
+    """
+
+    def methods_of(target: Any) -> tuple[str, ...]:
+        if method_names is None or not isinstance(target, torch.nn.Module):
+            return public_methods(target)
+        return tuple(sorted({m for m in method_names if callable(getattr(target, m, None))} | {"__call__"}))
+
+    if model_attr_names is None:
+        children = obj._modules if isinstance(obj, torch.nn.Module) else getattr(obj, "__dict__", {})
+        names = [k for k, v in children.items() if isinstance(v, torch.nn.Module) and not k.startswith("_")]
+    else:
+        names = list(model_attr_names)
+        for attr in names:
+            value = getattr(obj, attr)  # a missing name raises AttributeError, as in ray_zerocopy
+            if not isinstance(value, torch.nn.Module):
+                raise TypeError(f"model_attr_names: {attr!r} is a {type(value).__qualname__}, not a torch.nn.Module")
+    return methods_of(obj), tuple((attr, methods_of(getattr(obj, attr))) for attr in names)
 
 
 def _check_fits(info: WrapperInfo) -> None:

@@ -27,6 +27,9 @@ REGISTRY: dict[str, str] = {
     "ray-builtin": "zcbench.suites.implementations.ray_builtin:RayBuiltinImpl",
     "ray-zerocopy": "zcbench.suites.implementations.ray_zerocopy:RayZeroCopyImpl",
     "torch-mmap": "zcbench.suites.implementations.torch_mmap:TorchMmapImpl",
+    "safetensors": "zcbench.suites.implementations.safetensors_file:SafetensorsImpl",
+    "tensorizer": "zcbench.suites.implementations.tensorizer_file:TensorizerImpl",
+    "torch-shm": "zcbench.suites.implementations.torch_shm:TorchShmImpl",
 }
 
 
@@ -43,7 +46,9 @@ class Capabilities:
     copy), ``copy`` (every actor owns a private copy anyway), ``shared`` (the write is
     visible to every process: weights can be corrupted). ``cuda_write_policy`` is the
     same for weights loaded on a GPU, where copy-on-write pages do not exist; it
-    defaults to ``write_policy``.
+    defaults to ``write_policy``. ``store_fallback`` declares (and so documents) that a model
+    larger than the node's object store is accepted into Ray's disk-backed fallback file
+    instead of being refused.
     """
 
     cpu: bool = True
@@ -54,6 +59,7 @@ class Capabilities:
     zero_copy: bool = True
     write_policy: WritePolicy = "unknown"
     cuda_write_policy: WritePolicy | None = None
+    store_fallback: bool = False
     worker_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -4,9 +4,11 @@
     ZCBENCH_IMPL=mypkg.adapter:make pytest --pyargs zcbench.suites --zc-xfails xfails.txt
 
 The plugin is loaded into every pytest run of the environment, so it stays inert (and
-never imports ray) unless an implementation is named. ray is imported only after the
-implementation's ``worker_env`` is in the environment, since Ray reads some of it at
-import time.
+never imports ray) unless an implementation is named. Each conformance test hands its
+check to the one executor (:mod:`.executor`) and reports the verdict as pytest sees it:
+``fail`` fails, ``error`` is an error (in setup: never mistaken for the implementation's
+failure, even when an expected-failures entry matches), ``skip`` skips, and expected
+failures become ``xfail``/``xpass`` (``--zc-strict``: an unexpected pass fails).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from . import runner, xfails
+from . import xfails
 from .contract import ContractError, Implementation
 
 CONFORMANCE_MODULE = "test_conformance.py"
@@ -26,6 +28,11 @@ PROFILES = {"ci": "zcbench-ci", "thorough": "zcbench-thorough"}
 _IMPL = pytest.StashKey[Implementation | None]()
 _EXPECTED = pytest.StashKey[dict[str, str]]()
 _STALE = pytest.StashKey[list[str]]()
+_EXECUTOR = pytest.StashKey[Any]()
+
+
+class ConformanceError(Exception):
+    """The check could not run (an infrastructure error): reported by pytest as an error."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,9 +67,11 @@ def pytest_configure(config: pytest.Config) -> None:
     name = config.getoption("--zc-impl") or os.environ.get("ZCBENCH_IMPL") or None
     impl = None
     if name:
+        from . import executor
+
         try:
-            impl = runner.resolve(name)
-        except (ContractError, runner.DriverEnvError) as exc:
+            impl = executor.resolve(name)
+        except (ContractError, executor.DriverEnvError) as exc:
             raise _usage(str(exc)) from exc
     config.stash[_IMPL] = impl
     path = config.getoption("--zc-xfails")
@@ -77,23 +86,29 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     impl = config.stash.get(_IMPL, None)
     if impl is None:
         return None
-    h = runner.header(impl, expected_failures=config.getoption("--zc-xfails"))
+    from . import executor
+
+    h = executor.header(impl, expected_failures=config.getoption("--zc-xfails"))
     caps = ", ".join(f"{k}={v}" for k, v in h["capabilities"].items())
     return [
         f"zcbench implementation: {h['implementation']} {h['version']} ({h['spec']})",
         f"zcbench capabilities: {caps}",
-        f"zcbench suite {h['suite_version']}; torch {h['torch']}, ray {h['ray']}, python {h['python']}, "
-        f"hypothesis {h['hypothesis']} profile {h['hypothesis_profile']}",
+        f"zcbench suite {h['suite_version']} fingerprint {h['suite_fingerprint']}; torch {h['torch']}, ray {h['ray']}, "
+        f"python {h['python']}, hypothesis {h['hypothesis']} profile {h['hypothesis_profile']}",
         f"zcbench expected failures: {h['expected_failures'] or 'none'}",
     ]
 
 
-def _is_conformance(item: pytest.Item) -> bool:
-    return Path(str(item.path)).name == CONFORMANCE_MODULE and item.get_closest_marker("zc_check") is not None
+def _check_of(item: pytest.Item) -> Any:
+    if Path(str(item.path)).name != CONFORMANCE_MODULE:
+        return None
+    marker = item.get_closest_marker("zc_check")
+    return marker.args[0] if marker is not None else None
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m: prestart only what is left to run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    conformance = [i for i in items if _is_conformance(i)]
+    conformance = [i for i in items if _check_of(i) is not None]
     if not conformance:
         return
     impl = config.stash.get(_IMPL, None)
@@ -110,20 +125,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         keep = set(xfails.select(ids, select))
         if not keep:
             raise _usage(f"--zc-select {' '.join(select)} matches no check")
-        dropped = [i for i in conformance if i.get_closest_marker("zc_check").args[0].id not in keep]
+        dropped = [i for i in conformance if _check_of(i).id not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [i for i in items if i not in dropped]
     expected = config.stash[_EXPECTED]
     config.stash[_STALE] = xfails.unmatched(expected, ids)
     strict = config.getoption("--zc-strict")
+    chosen = []
     for item in items:
-        marker = item.get_closest_marker("zc_check")
-        if marker is None or not _is_conformance(item):
+        check = _check_of(item)
+        if check is None:
             continue
-        reason = xfails.reason_for(marker.args[0].id, expected)
+        chosen.append(check)
+        reason = xfails.reason_for(check.id, expected)
         if reason is not None:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=strict))
+            # Only a failure of the implementation can be expected; an error stays an error.
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=strict, raises=pytest.fail.Exception))
+    from .executor import Executor
+
+    config.stash[_EXECUTOR] = Executor(config.getoption("--zc-ray-address"))
+    if chosen:
+        config.stash[_EXECUTOR].prepare(impl, chosen)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -144,12 +167,27 @@ def zc_impl(pytestconfig: pytest.Config) -> Implementation:
     return impl
 
 
-@pytest.fixture(scope="session")
-def zc_ray(pytestconfig: pytest.Config) -> Any:
-    """One Ray cluster for the whole session (started on first use, never mid-session shut down)."""
-    import ray
+@pytest.fixture
+def zc_verdict(request: pytest.FixtureRequest, zc_impl: Implementation, record_property: Any) -> Any:
+    """The executor's verdict on this test's check (an error is raised here, so pytest reports it as one)."""
+    config = request.config
+    check = request.node.callspec.params["check"]
+    reason = xfails.reason_for(check.id, config.stash[_EXPECTED])
+    result = config.stash[_EXECUTOR].execute(check, zc_impl, expected_reason=reason)
+    record_property("zcbench_status", result.status)
+    if result.observations:
+        record_property("observations", result.observations)
+    if result.status == "error":
+        first = f" (first attempt: {result.first_error})" if result.first_error else ""
+        raise ConformanceError(f"{result.reason}{first}\n\n{result.traceback or ''}")
+    return result
 
-    from .cluster import ensure_ray
 
-    ensure_ray(pytestconfig.getoption("--zc-ray-address"))
-    return ray
+def settle(result: Any) -> None:
+    """End the conformance test the way its verdict says (called by the test's body)."""
+    __tracebackhide__ = True
+    if result.status == "skip":
+        pytest.skip(result.reason)
+    if result.status in ("fail", "xfail"):
+        pytest.fail(f"{result.reason}\n\n{result.traceback or ''}".rstrip(), pytrace=False)
+    # pass and xpass return: pytest's xfail marker turns the latter into XPASS (or a failure with --zc-strict).

@@ -20,15 +20,54 @@ import torch
 MiB = 2**20
 
 
-def plasma_ranges(pid: int | str = "self") -> list[tuple[int, int]]:
-    """Address ranges of the object store mappings (lines of maps containing 'plasma')."""
-    ranges = []
+@dataclass(frozen=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+
+    @property
+    def in_store(self) -> bool:
+        """Part of a Ray object store: its shared-memory file or its disk-backed fallback file."""
+        return "plasma" in self.path
+
+    @property
+    def in_fallback(self) -> bool:
+        """Ray's disk-backed fallback file for an object that did not fit the store (in its session directory)."""
+        return self.in_store and "/session_" in self.path
+
+    @property
+    def in_shared_memory(self) -> bool:
+        """The object store's own memory file (normally /dev/shm), not a disk-backed fallback file."""
+        return self.in_store and not self.in_fallback
+
+
+def mappings(pid: int | str = "self") -> list[Mapping]:
+    """Every memory mapping of a process (``/proc/PID/maps``)."""
+    found = []
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
-            if "plasma" in line:
-                lo, hi = line.split(maxsplit=1)[0].split("-")
-                ranges.append((int(lo, 16), int(hi, 16)))
-    return ranges
+            parts = line.split(maxsplit=5)
+            lo, hi = parts[0].split("-")
+            found.append(Mapping(int(lo, 16), int(hi, 16), parts[1], parts[5].strip() if len(parts) > 5 else ""))
+    return found
+
+
+def plasma_ranges(pid: int | str = "self", *, shared_memory_only: bool = False) -> list[tuple[int, int]]:
+    """Address ranges of the object store mappings (only the /dev/shm ones with ``shared_memory_only``)."""
+    return [(m.start, m.end) for m in mappings(pid) if (m.in_shared_memory if shared_memory_only else m.in_store)]
+
+
+def model_bytes(obj: Any) -> int:
+    """Bytes of the distinct storages of a model or pipeline (tied weights and views counted once)."""
+    storages = {}
+    for _, t in named_tensors(obj):
+        s = t.untyped_storage()
+        storages[(t.device, s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
 
 
 def modules_of(obj: Any, _seen: set[int] | None = None) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -80,11 +119,12 @@ class Residency:
 
 
 def residency(obj: Any, min_bytes: int = 0) -> Residency:
-    """Check, for each CPU tensor of ``obj``, whether its storage lies inside an object store mapping.
+    """Check, for each CPU tensor of ``obj``, whether its storage lies inside a shared-memory object store mapping.
 
-    Storages smaller than ``min_bytes`` are ignored (Ray inlines small objects).
+    Storages smaller than ``min_bytes`` are ignored (Ray inlines small objects). Ray's
+    disk-backed fallback file does not count as the store: its pages are not shared memory.
     """
-    ranges = plasma_ranges()
+    ranges = plasma_ranges(shared_memory_only=True)
     seen: dict[int, bool] = {}
     total = inside = count = 0
     outside = []
@@ -104,6 +144,22 @@ def residency(obj: Any, min_bytes: int = 0) -> Residency:
     return Residency(count, len(seen), total, inside, outside)
 
 
+def backing_files(obj: Any, min_bytes: int = 0) -> dict[str, int]:
+    """Bytes of ``obj``'s CPU storages per file their pages are mapped from (``""``: anonymous memory)."""
+    maps = mappings()
+    found: dict[str, int] = {}
+    seen: set[int] = set()
+    for _, t in named_tensors(obj):
+        s = t.untyped_storage()
+        ptr, n = s.data_ptr(), s.nbytes()
+        if t.device.type != "cpu" or n < max(min_bytes, 1) or ptr in seen:
+            continue
+        seen.add(ptr)
+        where = next((m.path for m in maps if m.start <= ptr < m.end), "")
+        found[where] = found.get(where, 0) + n
+    return found
+
+
 @dataclass
 class Memory:
     """One process's memory, in bytes: private (USS), proportional (PSS), and the store's share."""
@@ -117,6 +173,25 @@ class Memory:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def trim_heap() -> None:
+    """Collect garbage and give the heap's free pages back to the kernel (glibc ``malloc_trim``).
+
+    glibc keeps freed heap pages mapped: without this, memory a process freed still counts
+    in its USS, and a private copy made later can hide in it.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def memory(pid: int | None = None) -> Memory:
@@ -135,6 +210,71 @@ def memory(pid: int | None = None) -> Memory:
             elif in_store and first == "Rss:":
                 store_rss += int(line.split()[1]) * 1024
     return Memory(pid, full.uss, full.pss, full.rss, store_pss, store_rss)
+
+
+@dataclass
+class MemorySplit:
+    """One process's memory split the way a pool total needs it.
+
+    ``private``: anonymous memory only this process has (heap, a private copy of the
+    weights, pages a copy-on-write mapping copied on write). ``files``: resident clean pages
+    of each file-backed mapping (the object store's shared-memory file, a checkpoint mapped by
+    torch.load(mmap=True) or safetensors, shared libraries), keyed by ``device:inode``, whether
+    or not another process maps them right now.
+    """
+
+    private: int
+    files: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def memory_split(pid: int | None = None) -> MemorySplit:
+    """:class:`MemorySplit` of a process, from ``/proc/PID/smaps``."""
+    pid = os.getpid() if pid is None else pid
+    private, files = 0, {}
+    key, fields = None, {}
+
+    def flush() -> None:
+        nonlocal private
+        dirty = fields.get("Private_Dirty:", 0)
+        if key is None:  # anonymous: everything private to this process
+            private += fields.get("Private_Clean:", 0) + dirty
+        else:  # file-backed: its written (copied) pages are private, the rest are the file's
+            private += dirty
+            files[key] = files.get(key, 0) + fields.get("Rss:", 0) - dirty
+
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                flush()
+                parts = line.split()
+                key = f"{parts[3]}:{parts[4]}" if len(parts) > 5 and parts[4] != "0" else None
+                fields = {}
+            elif first in ("Rss:", "Private_Clean:", "Private_Dirty:"):
+                fields[first] = int(line.split()[1]) * 1024
+    flush()
+    return MemorySplit(private, {k: v for k, v in files.items() if v})
+
+
+def pool_total(splits: list[MemorySplit | dict[str, Any]]) -> int:
+    """Memory of a pool of processes, every shared page counted once, the same way for every implementation.
+
+    Σ of each process's private memory, plus each file's resident pages once (at the largest
+    amount any process of the pool maps: every actor of a pool runs the whole model, so they
+    touch the same pages). Independent of which processes still map a file when it is read,
+    and never a sum of RSS.
+    """
+    files: dict[str, int] = {}
+    private = 0
+    for s in splits:
+        s = s if isinstance(s, MemorySplit) else MemorySplit(**s)
+        private += s.private
+        for k, v in s.files.items():
+            files[k] = max(files.get(k, 0), v)
+    return private + sum(files.values())
 
 
 def store_bytes_by_node() -> dict[str, int]:
@@ -156,32 +296,6 @@ def store_bytes() -> int:
     return sum(store_bytes_by_node().values())
 
 
-def settled_store_bytes_by_node(quiet_s: float = 2.0, timeout_s: float = 15.0) -> dict[str, int]:
-    """Per-node store bytes once no node's value has moved for ``quiet_s``.
-
-    Frees reach the raylets asynchronously (seconds on a loaded machine): a baseline
-    taken in the middle of one would hide growth, or a leak of the same size.
-    """
-    import gc
-    import time
-
-    gc.collect()
-    deadline = time.monotonic() + timeout_s
-    last = store_bytes_by_node()
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
-        time.sleep(0.25)
-        now = store_bytes_by_node()
-        if now != last:
-            last, quiet_since = now, time.monotonic()
-    return last
-
-
-def settled_store_bytes(quiet_s: float = 2.0, timeout_s: float = 15.0) -> int:
-    """Bytes in all object stores once pending frees are done (see :func:`settled_store_bytes_by_node`)."""
-    return sum(settled_store_bytes_by_node(quiet_s, timeout_s).values())
-
-
 def wait_store_bytes(ok: Callable[[int], bool], timeout_s: float = 20.0) -> int:
     """Poll the stores' total bytes until ``ok(total)`` holds or the time is up; return the last total."""
     import gc
@@ -191,7 +305,6 @@ def wait_store_bytes(ok: Callable[[int], bool], timeout_s: float = 20.0) -> int:
     deadline = time.monotonic() + timeout_s
     value = store_bytes()
     while not ok(value) and time.monotonic() < deadline:
-        time.sleep(0.25)
-        gc.collect()
+        time.sleep(0.05)
         value = store_bytes()
     return value

@@ -35,16 +35,26 @@ class SkipCheck(Exception):
     """Raised by a check that does not apply (the message says why)."""
 
 
+#: Seconds a check may run before the executor stops it and reports an error.
+DEFAULT_TIMEOUT_S = 600.0
+
+
 @dataclass(frozen=True)
 class Check:
-    """One registered conformance check."""
+    """One registered conformance check.
+
+    ``requires``: capability flags the implementation must declare, else the check is skipped.
+    ``needs``: hardware (``"cuda"``) this machine must have, else skipped with that reason.
+    ``hosts``: probe actors it uses at once, per node role, so they are started ahead of it.
+    """
 
     id: str
     fn: Callable[[Any], Any]
-    requires: tuple[str, ...] = ()  # capability flags that must be true
+    requires: tuple[str, ...] = ("cpu",)
+    needs: tuple[str, ...] = ()
+    hosts: dict[str, int] = field(default_factory=dict)
+    timeout_s: float = DEFAULT_TIMEOUT_S
     doc: str = ""
-    slow: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def property(self) -> str:
@@ -54,18 +64,34 @@ class Check:
         caps = impl.capabilities
         return [flag for flag in self.requires if not getattr(caps, flag, False)]
 
+    def missing_hardware(self) -> str | None:
+        """Why this machine cannot run the check (e.g. no CUDA device), or None."""
+        if "cuda" in self.needs:
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA device on this machine"
+        return None
+
 
 _CHECKS: dict[str, Check] = {}
 
 
-def check(check_id: str, *, requires: tuple[str, ...] = ("cpu",), slow: bool = False) -> Callable:
+def check(
+    check_id: str,
+    *,
+    requires: tuple[str, ...] = ("cpu",),
+    needs: tuple[str, ...] = (),
+    hosts: dict[str, int] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Callable:
     """Register ``fn`` as the check ``check_id``."""
 
     def register(fn: Callable) -> Callable:
         if check_id in _CHECKS and _CHECKS[check_id].fn is not fn:
             raise ValueError(f"check id {check_id!r} registered twice")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        _CHECKS[check_id] = Check(check_id, fn, tuple(requires), doc, slow)
+        _CHECKS[check_id] = Check(check_id, fn, tuple(requires), tuple(needs), dict(hosts) if hosts is not None else {"head": 2}, timeout_s, doc)
         return fn
 
     return register

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from .cases import MiB, ModelCase
+from .models import MiB, ModelCase
 
 #: Ray inlines objects below ~100 KiB instead of storing them; zero-copy claims need more.
 MIN_STORAGE_BYTES = 100 * 1024 + 1

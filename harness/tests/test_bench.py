@@ -6,90 +6,42 @@ what is tested is the harness's bookkeeping, never a measurement.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
+import _benchfakes as fakes  # the tests folder is on sys.path
 import pytest
-
 from zcbench.harness import bench, cli, compare, report, schema
-from zcbench.harness.matrix import Settings
 from zcbench.harness.stats import percentile, summarize
 
 MiB = 2**20
 
 
-def _infos(names=("reference", "naive")):
-    return [{"name": n, "version": "0.0-test", "spec": f"fake:{n}", "capabilities": {"cpu": True, "cuda": False}, "process_env": {}}
-            for n in names]
-
-
-class FakeRunner:
-    """Deterministic fabricated measurements; can fail, invalidate or interrupt on demand."""
-
-    def __init__(self, interrupt_at=None, fail=(), invalid=(), slow=1.0):
-        self.calls: list[tuple[str, dict]] = []
-        self.interrupt_at, self.fail, self.invalid, self.slow = interrupt_at, set(fail), set(invalid), slow
-
-    def run(self, impl, params, rows, seed, timeout_s):
-        self.calls.append((impl, dict(params)))
-        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
-            raise KeyboardInterrupt
-        if impl in self.fail:
-            return {"ok": False, "error": "boom"}
-        copies = params["pool"] if impl == "naive" else 0
-        thr = 100.0 * params["batch"] * (0.8 if impl == "naive" else 1.0) / self.slow + len(self.calls) % 3
-        m = {
-            "model_bytes": 64 * MiB, "wrap_s": 0.1, "wrap_peak_bytes": 64 * MiB, "store_bytes": 0 if impl == "naive" else 64 * MiB,
-            "load_cold_s": 0.05 * self.slow, "load_warm_s": 0.01, "first_forward_s": 0.02,
-            "actor_uss_load_bytes": (170 + (64 if copies else 0)) * MiB, "actor_pss_load_bytes": 200 * MiB,
-            "actor_uss_infer_bytes": (172 + (64 if copies else 0)) * MiB, "actor_pss_infer_bytes": 210 * MiB,
-            "actor_store_pss_bytes": 10 * MiB, "pool_uss_sum_bytes": params["pool"] * (172 + (64 if copies else 0)) * MiB,
-            "pool_pss_sum_bytes": params["pool"] * 210 * MiB,
-            "pool_total_bytes": params["pool"] * (172 + (64 if copies else 0)) * MiB + (0 if copies else 64 * MiB),
-            "throughput_rows_s": thr, "pipeline_rows_s": thr / 3, "latency_p50_s": 0.01, "latency_p99_s": 0.02,
-        }
-        valid = impl not in self.invalid
-        return {"ok": True, "metrics": m, "valid": valid, "audit": "fabricated" if valid else "output differs: fabricated"}
-
-    def close(self):
-        pass
-
-
-def _settings(**kw):
-    base = dict(impls=["reference", "naive"], models=["mlp-64mib"], pools=[1, 2], batches=[8, 32], rounds=2, warmup=1, rows=16)
-    base.update(kw)
-    return Settings(**base)
-
-
-def _run(tmp_path, runner=None, settings=None, name="r.json"):
-    s = settings or _settings()
-    doc = bench.new_document(s, _infos(s.impls), ["test"])
-    out = tmp_path / name
-    bench.run_matrix(doc, runner or FakeRunner(), out, log=lambda line: None)
-    return out, doc
-
-
 def test_complete_run_validates_and_has_stats(tmp_path):
-    out, _ = _run(tmp_path)
+    out, _ = fakes.run_fake(tmp_path)
     doc = schema.load(out)
     assert doc["complete"] and len(doc["cells"]) == 8
     cell = next(c for c in doc["cells"] if c["id"] == "reference|mlp-64mib|cpu|pool2|batch32")
     thr = cell["metrics"]["throughput_rows_s"]
     assert cell["status"] == "ok" and cell["validity"] == "VALID" and cell["rounds"] == 2
     assert thr["stats"]["n"] == 2 and len(thr["values"]) == 2 and thr["stats"]["min"] <= thr["value"] <= thr["stats"]["max"]
-    ratio = cell["metrics"]["throughput_vs_naive"]["value"]
+    ratio = cell["metrics"]["throughput_vs_naive"]
     naive = next(c for c in doc["cells"] if c["id"] == "naive|mlp-64mib|cpu|pool2|batch32")
-    assert ratio == pytest.approx(thr["value"] / naive["metrics"]["throughput_rows_s"]["value"])
+    paired = [a / b for a, b in zip(thr["values"], naive["metrics"]["throughput_rows_s"]["values"])]
+    assert ratio["values"] == pytest.approx(paired) and ratio["stats"]["n"] == 2  # one ratio per round, paired
+    assert cell["metrics"]["speed_vs_naive"]["value"] == pytest.approx(1.25)  # naive's p50 over the reference's
+    assert doc["suite_fingerprint"] and doc["schema_version"] == 2
 
 
 def test_implementations_interleave_and_warmup_runs(tmp_path):
-    runner = FakeRunner()
-    _run(tmp_path, runner, _settings(pools=[1], batches=[8], rounds=2, warmup=1))
+    runner = fakes.FakeRunner()
+    fakes.run_fake(tmp_path, runner, fakes.small_settings(pools=[1], batches=[8], rounds=2, warmup=1))
     assert [impl for impl, _ in runner.calls] == ["reference", "naive"] * 3  # 1 warm-up + 2 measured, A B A B
 
 
 def test_failed_and_invalid_cells_are_marked(tmp_path):
-    out, _ = _run(tmp_path, FakeRunner(fail={"naive"}, invalid={"reference"}))
+    out, _ = fakes.run_fake(tmp_path, fakes.FakeRunner(fail={"naive"}, invalid={"reference"}))
     doc = schema.load(out)
     for c in doc["cells"]:
         if c["params"]["impl"] == "naive":
@@ -101,12 +53,12 @@ def test_failed_and_invalid_cells_are_marked(tmp_path):
 
 
 def test_interrupt_keeps_finished_cells_and_resume_completes(tmp_path):
-    s = _settings()
-    doc = bench.new_document(s, _infos(), ["test"])
+    s = fakes.small_settings()
+    doc = bench.new_document(s, fakes.infos(), ["test"])
     out = tmp_path / "r.json"
     # 6 calls per matrix point (2 impls x 3 rounds): interrupt in the middle of the third point
     with pytest.raises(KeyboardInterrupt):
-        bench.run_matrix(doc, FakeRunner(interrupt_at=15), out, log=lambda line: None)
+        bench.run_matrix(doc, fakes.FakeRunner(interrupt_at=15), out, stream=io.StringIO())
     saved = schema.load(out)
     status = {c["id"]: c["status"] for c in saved["cells"]}
     assert not saved["complete"]
@@ -115,8 +67,8 @@ def test_interrupt_keeps_finished_cells_and_resume_completes(tmp_path):
     assert len(missing) == 4 and all("--resume" in c["error"] for c in missing)
     finished = {c["id"]: c["metrics"] for c in saved["cells"] if c["status"] == "ok"}
 
-    runner = FakeRunner(slow=2.0)
-    bench.run_matrix(saved, runner, out, log=lambda line: None)
+    runner = fakes.FakeRunner(slow=2.0)
+    bench.run_matrix(saved, runner, out, stream=io.StringIO())
     done = schema.load(out)
     assert done["complete"] and all(c["status"] == "ok" for c in done["cells"])
     assert len(runner.calls) == 2 * 6  # only the two unfinished points were measured again
@@ -127,11 +79,11 @@ def test_interrupt_keeps_finished_cells_and_resume_completes(tmp_path):
 
 
 def test_cuda_cells_of_cpu_only_implementations_are_skipped(tmp_path):
-    infos = _infos()
+    infos = fakes.infos()
     infos[1]["capabilities"]["cuda"] = True
-    s = _settings(devices=["cuda"], pools=[1], batches=[8])
+    s = fakes.small_settings(devices=["cuda"], pools=[1], batches=[8])
     doc = bench.new_document(s, infos, ["test"])
-    bench.run_matrix(doc, FakeRunner(), tmp_path / "r.json", log=lambda line: None)
+    bench.run_matrix(doc, fakes.FakeRunner(), tmp_path / "r.json", stream=io.StringIO())
     by = {c["params"]["impl"]: c for c in schema.load(tmp_path / "r.json")["cells"]}
     assert by["reference"]["status"] == "skipped" and "CUDA" in by["reference"]["error"]
     assert by["naive"]["status"] == "ok"
@@ -143,17 +95,18 @@ def test_cuda_cells_of_cpu_only_implementations_are_skipped(tmp_path):
         (lambda d: d.pop("machine"), "machine"),
         (lambda d: d["cells"][0].update(status="great"), "cells/0/status"),
         (lambda d: d["cells"][0]["metrics"]["wrap_s"].pop("unit"), "cells/0/metrics/wrap_s"),
+        (lambda d: d.pop("suite_fingerprint"), "suite_fingerprint"),
         (lambda d: d.update(schema_version=99), "schema_version"),
         (lambda d: d["cells"][0].update(status="failed", error=None), "cells/0"),
     ],
 )
 def test_schema_rejects_invalid_files(tmp_path, mutate, where):
-    out, _ = _run(tmp_path)
+    out, _ = fakes.run_fake(tmp_path)
     doc = json.loads(out.read_text())
     mutate(doc)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(schema.ResultsError, match=where.split("/")[0]):
+    with pytest.raises(schema.ResultsError, match=where.split("/")[0] if "/" in where else where):
         schema.load(bad)
     assert cli.main(["report", str(bad), "--out", str(tmp_path / "rep")]) == cli.EXIT_BAD_INPUT
 
@@ -176,7 +129,7 @@ def _scaled(doc, factor_throughput):
 
 
 def test_compare_flags_regressions_by_factor(tmp_path):
-    _, a = _run(tmp_path)
+    _, a = fakes.run_fake(tmp_path)
     b = _scaled(a, 0.5)
     result = compare.compare(a, b, 1.2)
     flagged = {(r.cell, r.metric) for r in result.regressions}
@@ -190,7 +143,7 @@ def test_compare_flags_regressions_by_factor(tmp_path):
 
 
 def test_compare_cli_exit_codes(tmp_path):
-    out_a, a = _run(tmp_path, name="a.json")
+    out_a, a = fakes.run_fake(tmp_path, name="a.json")
     b_path = tmp_path / "b.json"
     schema.write_atomic(b_path, _scaled(a, 0.5))
     assert cli.main(["compare", str(out_a), str(b_path)]) == 0
@@ -199,7 +152,7 @@ def test_compare_cli_exit_codes(tmp_path):
 
 
 def test_report_writes_markdown_and_pngs(tmp_path):
-    out, _ = _run(tmp_path, FakeRunner(invalid={"naive"}))
+    out, _ = fakes.run_fake(tmp_path, fakes.FakeRunner(invalid={"naive"}))
     rep = tmp_path / "rep"
     assert cli.main(["report", str(out), "--out", str(rep)]) == 0
     md = (rep / "report.md").read_text()
@@ -209,10 +162,15 @@ def test_report_writes_markdown_and_pngs(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     assert "| reference | 0.0-test | **VALID**" in md and "| naive | 0.0-test | **INVALID**" in md
     assert "![memory_vs_pool_mlp-64mib](memory_vs_pool_mlp-64mib.png)" in md
+    assert "STALE" not in md  # measured (fabricated) with the current suite's fingerprint
+    head = md[md.index("## Headline"):md.index("## Steady-state")]
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in head.splitlines() if line.startswith("| ") and "batch 32" in line}
+    assert rows["reference (batch 32)"].startswith("1.06") and rows["naive (batch 32)"].startswith("2.00")  # one copy vs one per actor
+    assert "| reference | mlp-64mib | 2 | 32 |" in md[md.index("## Steady-state"):]  # the shared/private ratio table
 
 
 def test_report_with_zero_results_fails(tmp_path, capsys):
-    out, _ = _run(tmp_path, FakeRunner(fail={"reference", "naive"}))
+    out, _ = fakes.run_fake(tmp_path, fakes.FakeRunner(fail={"reference", "naive"}))
     assert cli.main(["report", str(out), "--out", str(tmp_path / "rep")]) == cli.EXIT_BAD_INPUT
     assert "no finished" in capsys.readouterr().err
 
@@ -261,9 +219,9 @@ for line in sys.stdin:
 def test_subprocess_runner_survives_dead_and_hung_workers():
     runner = bench.SubprocessRunner({"x": {}}, command=[sys.executable, "-c", FAKE_WORKER])
     try:
-        died = runner.run("x", {"batch": 1}, 1, 0, timeout_s=30)
+        died = runner.run("x", {"batch": 1}, {"rows": 1, "files": 1}, timeout_s=30)
         assert not died["ok"] and "worker died" in died["error"] and "code 3" in died["error"]
-        hung = runner.run("x", {"batch": 8}, 1, 0, timeout_s=1)
+        hung = runner.run("x", {"batch": 8}, {"rows": 1, "files": 1}, timeout_s=1)
         assert not hung["ok"] and "cell timeout" in hung["error"]
         assert not runner.workers  # the hung one was killed, not kept
     finally:
@@ -281,33 +239,42 @@ def test_cli_run_quick_and_resume_with_a_fake_runner(tmp_path, monkeypatch):
     runners = []
 
     def fake(envs, ray_address=None, **kw):
-        runners.append(FakeRunner(interrupt_at=5 if not runners else None))
+        runners.append(fakes.FakeRunner(interrupt_at=5 if not runners else None))
         runners[-1].envs = envs
         return runners[-1]
 
     monkeypatch.setattr(bench, "SubprocessRunner", fake)
     out = tmp_path / "quick.json"
-    argv = ["run", "--quick", "--impl", "reference", "--impl", "naive", "--out", str(out)]
+    argv = ["run", "--quick", "--impl", "reference", "--impl", "naive", "--rounds", "2", "--out", str(out)]
     assert cli.main(argv) == cli.EXIT_INTERRUPTED
     first = schema.load(out)
     assert first["settings"]["quick"] and first["settings"]["impls"] == ["reference", "naive"]
+    assert first["settings"]["models"] == ["mlp-256mib"] and first["settings"]["pools"] == [2, 1]
     assert {i["name"] for i in first["implementations"]} == {"reference", "naive"}
     assert not first["complete"] and sum(c["status"] == "ok" for c in first["cells"]) == 2
     assert cli.main(["run", "--resume", str(out)]) == 0
     done = schema.load(out)
-    assert done["complete"] and done["run_id"] == first["run_id"] and len(done["cells"]) == 8
-    assert len(runners[1].calls) == (4 - 1) * 2 * 2  # three points left, two impls, two rounds
+    assert done["complete"] and done["run_id"] == first["run_id"] and len(done["cells"]) == 4
+    assert len(runners[1].calls) == 1 * 2 * 2  # one point left, two impls, two rounds
+    # the throughput point (pool 2) gets rows for 20 steady batches per actor; pool 1 only its loads and memory
+    steady, load_only = runners[0].jobs[0], runners[1].jobs[0]
+    assert steady["steady"] and steady["rows"] >= 2 * (2 + 20) * 8 and steady["rows"] % 8 == 0 and steady["warmup_calls"] == 2
+    assert not load_only["steady"] and load_only["rows"] == 1 * 4 * 8
 
 
 def test_quick_matrix_takes_every_installed_implementation():
-    settings = cli._settings_from_args(cli.build_parser(load_conformance=False).parse_args(["run", "--quick"]))
+    settings = cli.settings_from_args(cli.build_parser(load_conformance=False).parse_args(["run", "--quick"]))
     assert settings.impls[:2] == ["reference", "naive"]
     assert set(settings.impls) >= {"reference", "naive", "ray-builtin", "ray-zerocopy", "torch-mmap"}
 
 
-def test_conformance_subcommand_is_wired_lazily():
-    args = cli.build_parser(load_conformance=True).parse_args(["conformance"])
-    module = getattr(args, "_conformance", None)
-    assert module is not None, getattr(args, "_conformance_error", "")
-    assert callable(module.main) and callable(module.add_arguments)
-    assert not hasattr(cli.build_parser(load_conformance=False).parse_args(["report", "x", "--out", "y"]), "_conformance")
+def test_model_sets_expand_and_harness_shapes_resolve():
+    args = cli.build_parser(load_conformance=False).parse_args(["run", "--model", "scale", "--model", "bert-base,tensors-500"])
+    settings = cli.settings_from_args(args)
+    assert settings.models == ["wide-384mib", "tensors-500", "linears-2000", "tensors-5000", "tensors-20000", "bert-base"]
+
+
+def test_conformance_subcommand_gets_its_options():
+    args = cli.build_parser(load_conformance=True).parse_args(["conformance", "--impl", "reference"])
+    assert args.impl == ["reference"] and args.profile == "ci"
+    assert cli.build_parser(load_conformance=False).parse_args(["report", "x", "--out", "y"]).command == "report"

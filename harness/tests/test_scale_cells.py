@@ -1,4 +1,4 @@
-"""Scale measurements (issue 5) without Ray: tensors-N models, per-node store metrics, the two scale plots.
+"""Scale measurements without Ray: model shapes, per-node store metrics, the scaling plots and table.
 
 Report inputs are fabricated results files, so what is tested is the bookkeeping and the
 plotting, never a measurement.
@@ -10,9 +10,11 @@ import copy
 
 import pytest
 import torch
-
-from zcbench.harness import bench, cells, report, schema
-from zcbench.harness.matrix import MatrixError, Settings, resolve_model, validate
+from zcbench.harness import bench, cells, floor, report, schema
+from zcbench.suites import models
+from zcbench.harness.matrix import MatrixError, Settings, expand_models, resolve_model, validate
+from zcbench.harness.metrics import metric_meta
+from zcbench.suites import probes
 
 MiB = 2**20
 
@@ -25,7 +27,7 @@ def test_tensors_n_resolves_and_builds_n_small_tensors(n):
     assert case.name == f"tensors-{n}"
     assert len(params) == n
     assert all(p.numel() == 1024 and p.dtype == torch.float32 for p in params)
-    assert cells.model_bytes(model) == n * 4096
+    assert probes.model_bytes(model) == n * 4096
     (x,) = case.inputs()
     assert x.shape[1] == 1024  # the pipeline's input width, like the blob MLPs
     assert case.run(model).shape == (x.shape[0], n)
@@ -64,8 +66,8 @@ def test_per_node_metrics_order_driver_first_and_never_negative():
     m = cells.per_node_metrics(before, after, "drv")
     assert m == {"num_nodes": 4, "store_bytes_node0": 4 * MiB, "store_bytes_node1": 0, "store_bytes_node2": 4 * MiB,
                  "store_bytes_node3": 7}
-    assert cells.metric_meta("store_bytes_node12") == ("B", "none")
-    assert cells.metric_meta("num_tensors") == ("tensors", "none")
+    assert metric_meta("store_bytes_node12") == ("B", "none")
+    assert metric_meta("num_tensors") == ("tensors", "none")
 
 
 def _doc(with_tensors: bool, with_nodes: bool) -> dict:
@@ -80,6 +82,7 @@ def _doc(with_tensors: bool, with_nodes: bool) -> dict:
         size = n * 4096 if p["model"].startswith("tensors-") else 8 * MiB
         naive = p["impl"] == "naive"
         m = {"model_bytes": size, "num_tensors": n, "load_cold_s": 0.001 * n ** 0.5 * (3 if naive else 1),
+             "metadata_floor_s": 2e-6 * n,
              "load_warm_s": 0.0005 * n ** 0.5, "actor_uss_infer_bytes": 100 * MiB, "pool_total_bytes": 300 * MiB,
              "throughput_rows_s": 100.0, "store_bytes": size}
         if with_nodes:
@@ -95,12 +98,15 @@ def test_report_writes_scale_plots_from_fabricated_results(tmp_path):
     assert doc["cells"][0]["metrics"]["store_bytes_node1"]["unit"] == "B"
     paths = report.write_report(doc, tmp_path)
     names = {p.name for p in paths}
-    assert {"load_vs_tensor_count.png", "store_bytes_per_node.png"} <= names
-    for name in ("load_vs_tensor_count.png", "store_bytes_per_node.png"):
+    assert {"load_vs_tensor_count.png", "load_vs_bytes.png", "store_bytes_per_node.png"} <= names
+    for name in ("load_vs_tensor_count.png", "load_vs_bytes.png", "store_bytes_per_node.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     md = (tmp_path / "report.md").read_text()
     assert "load_vs_tensor_count.png" in md and "store_bytes_per_node.png" in md
+    table = md[md.index("## Load time vs shape"):]
+    # per-tensor cost: tensors-5000 reference loads in 0.001*sqrt(5000) s = 70.7 ms -> 14.1 us per tensor; floor 10 ms
+    assert "| reference | tensors-5000 | 5000 | 19.5 | 70.71 | 10.00 | 14.1 | 7.1 |" in table
 
 
 def test_report_omits_scale_plots_without_such_data(tmp_path):
@@ -118,12 +124,22 @@ def test_schema_rejects_non_numeric_node_metric():
         schema.validate(bad)
 
 
-def test_placement_spreads_the_pool_and_always_times_a_warm_load():
-    one, three = ["drv"], ["drv", "b", "c"]
-    assert cells.placement(4, one) == (["drv"], ["drv", "drv", "drv"])
-    assert cells.placement(1, one) == (["drv"], ["drv"])  # the warm one is surplus, killed after its load
-    assert cells.placement(4, three) == (["drv", "b", "c"], ["drv"])
-    assert cells.placement(2, three) == (["drv", "b"], ["drv"])  # the surplus warm one must not be a first load
-    assert cells.placement(1, three) == (["drv"], ["drv"])
-    cold, warm = cells.placement(16, three)
-    assert len(cold) + len(warm) == 16 and {n: (cold + warm).count(n) for n in three} == {"drv": 6, "b": 5, "c": 5}
+def test_scale_set_has_the_five_shapes_by_tensor_count():
+    names = expand_models(["scale"])
+    assert names == list(models.MODEL_SETS['scale'])
+    counts = {n: sum(1 for _ in probes.named_tensors(resolve_model(n).build())) for n in ("tensors-500", "linears-2000")}
+    assert counts == {"tensors-500": 500, "linears-2000": 4000}  # tensors-N is the registry's, tested there
+    with torch.device("meta"):  # 384 MiB is not built for real here
+        wide = models.Wide()
+    assert len(list(wide.parameters())) == 12
+    assert sum(p.numel() * 4 for p in wide.parameters()) // 2**20 == 384
+
+
+def test_metadata_floor_builds_views_of_the_same_storages():
+    model = resolve_model("linears-2000").build()
+    specs = floor.tensor_specs(model)
+    views = floor.build_views(specs)
+    assert len(views) == 4000
+    for (t, is_param), v in zip(specs, views):
+        assert v.data_ptr() == t.data_ptr() and v.shape == t.shape and isinstance(v, torch.nn.Parameter) == is_param
+    assert 0 < floor.metadata_floor_s(model) < 1.0

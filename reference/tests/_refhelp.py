@@ -58,6 +58,16 @@ class Holder:
         caught = [f"{w.category.__name__}: {w.message}" for w in seen]
         return {"load_s": load_s, "before": before.as_dict(), "after": after.as_dict(), "warnings": caught}
 
+    def load_only(self, wrapper_box: list, **load_kwargs: Any) -> dict[str, Any]:
+        """Load without touching the weights (to see what the load itself maps and allocates)."""
+        self.drop()
+        self.wrapper = wrapper_box[0]
+        before = probes.memory()
+        start = time.perf_counter()
+        self.model = self.wrapper.load(**load_kwargs)
+        load_s = time.perf_counter() - start
+        return {"load_s": load_s, "before": before.as_dict(), "after": probes.memory().as_dict()}
+
     def apply(self, fn, *args: Any, **kwargs: Any) -> Any:
         return fn(self.model, *args, **kwargs)
 
@@ -157,6 +167,19 @@ def weight_digest(model: Any) -> str:
         h.update(name.encode())
         h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def settled_store_bytes(quiet_s: float = 2.0, timeout_s: float = 15.0) -> int:
+    """Bytes in all object stores once no value has moved for ``quiet_s`` (frees reach the raylets late)."""
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    last, quiet_since = probes.store_bytes(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+        time.sleep(0.25)
+        now = probes.store_bytes()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    return last
 
 
 def residency(model: Any, min_bytes: int = 0) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from zcbench.reference import ModelLostError, ModelWrapper
-from zcbench.suites import cases, probes
+from zcbench.suites import models as cases, probes
 
 h.register(__name__)
 
@@ -122,7 +122,7 @@ _OWNER_SCRIPT = textwrap.dedent(
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from zcbench.reference import ModelWrapper
-    from zcbench.suites import cases
+    from zcbench.suites import models as cases
 
     address, namespace, loaded_name, waiting_name = sys.argv[1:5]
     ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
@@ -277,11 +277,11 @@ def test_wrap_load_release_cycles_do_not_leak(ray_session):
             return report
 
         warm = cycles(10)
-        before = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": probes.settled_store_bytes()}
+        before = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": h.settled_store_bytes()}
         start = time.monotonic()
         last = cycles(100)
         seconds = time.monotonic() - start
-        after = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": probes.settled_store_bytes()}
+        after = {"uss": me.memory_full_info().uss, "fds": me.num_fds(), "store": h.settled_store_bytes()}
     finally:
         ray.kill(cycler, no_restart=True)
     growth = {k: after[k] - before[k] for k in before}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from zcbench.reference import DeviceUnavailableError, IsolationUnavailableError, ModelLostError, ModelWrapper, gpu
-from zcbench.reference.packing import pack
+from zcbench.reference.packing import ALIGNMENT, pack, plan
 
 import _refhelp as rh
 
@@ -45,18 +45,21 @@ class Tied(nn.Module):
 
 
 class FakeOwner:
-    """An owner that lends CPU copies of the storages (standing in for device storages)."""
+    """An owner that lends one CPU buffer laid out as the device buffer would be (standing in for device memory)."""
 
     def __init__(self, payload, dead: bool = False):
-        self.handles = [None if s.nbytes == 0 else torch.tensor(s).clone() for s in payload.storages]
+        self.buffer, self.extents = gpu.copy_segments(payload.segment_arrays(), torch.device("cpu"))
+        self.handle = self.buffer if self.buffer.numel() else None
         self.leases = gpu.Leases()
         self.dead = dead
         self.released: list[int] = []
+        self.exports = 0
 
     def acquire(self, pid):
         if self.dead:
             raise ModelLostError("the GPU owner of these weights died: fabricated")
-        return self.leases.acquire(pid), self.handles
+        self.exports += 1
+        return self.leases.acquire(pid), self.handle, self.extents
 
     def release(self, lease):
         self.released.append(lease)
@@ -180,11 +183,14 @@ def test_views_ties_and_lease_end_to_end():
     assert isinstance(model.small, nn.Parameter) and model.small.dtype == torch.float16
     assert model.diag_view.stride() == original.diag_view.stride()
     assert model.diag_view.untyped_storage().data_ptr() == model.embed.weight.untyped_storage().data_ptr()
-    # Every weight lives in the storage the owner lent: nothing was copied.
-    lent = {h.untyped_storage().data_ptr() for h in owner.handles if h is not None}
+    # Every weight lives inside the one buffer the owner lent: nothing was copied.
+    lo = owner.buffer.data_ptr()
+    hi = lo + owner.buffer.numel()
     for t in (model.embed.weight, model.small, model.diag_view):
-        assert t.untyped_storage().data_ptr() in lent
+        assert lo <= t.untyped_storage().data_ptr() < hi
+        assert t.untyped_storage().nbytes() < owner.buffer.numel()  # its own storage, not the whole buffer
     del t
+    assert owner.exports == 1  # one handle per consumer, whatever the tensor count
     x = torch.randint(0, 64, (5,))
     with torch.no_grad():
         assert torch.equal(model(x), original(x))
@@ -194,7 +200,7 @@ def test_views_ties_and_lease_end_to_end():
     # The lease lasts as long as any view does, then ends exactly once.
     view = model.diag_view
     del model
-    owner.handles = None  # the fake owner's own references would keep the storages alive
+    owner.handle = owner.buffer = None  # the fake owner's own references would keep the buffer alive
     gc.collect()
     assert owner.released == [] and len(owner.leases) == 1
     del view
@@ -215,11 +221,110 @@ def test_dead_owner_is_model_lost():
         gpu.load_shared(payload, torch.device("cpu"), Closing(payload), fake_rebuild)
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [[], [0], [1], [4096, 1, 255, 256, 257, 0, 3 * 2**20], [7] * 50, [2**20 + 3, 2**16, 5]],
+    ids=["none", "empty", "one-byte", "mixed", "many-odd", "big-and-small"],
+)
+def test_device_layout_aligns_and_never_overlaps(lengths):
+    extents, total = gpu.device_layout(lengths)
+    assert [n for _, n in extents] == lengths
+    end = 0
+    for offset, n in extents:
+        assert offset % 256 == 0 and offset >= end  # in order, aligned, no overlap
+        end = offset + n
+    assert total == end <= sum(lengths) + 256 * len(lengths)
+
+
+class AllDTypes(nn.Module):
+    """Small tensors of every dtype (so they are packed together), with odd element counts."""
+
+    DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+              torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.complex64,
+              torch.complex128)
+
+    def __init__(self):
+        super().__init__()
+        for i, dtype in enumerate(self.DTYPES):
+            self.register_buffer(f"t{i}", torch.arange(3 + 2 * i, dtype=torch.float32).to(dtype))
+        self.big = nn.Parameter(torch.randn(128, 256, dtype=torch.float64))  # a segment of its own
+
+
+def test_every_storage_is_aligned_in_the_device_buffer():
+    payload, _ = pack(AllDTypes())
+    places = payload.places
+    assert len(payload.segments) == 2  # one pack of the 14 small buffers, one own segment
+    extents, total = gpu.device_layout([int(a.nbytes) for a in payload.segment_arrays()])
+    for segment, offset, _ in places:
+        address = extents[segment][0] + offset
+        assert address % ALIGNMENT == 0 and ALIGNMENT % 16 == 0  # 16: the largest itemsize (complex128)
+    buffer, _ = gpu.copy_segments(payload.segment_arrays(), torch.device("cpu"))
+    assert buffer.numel() == total  # one allocation holds the whole model
+    model = gpu.load_shared(payload, torch.device("cpu"), FakeOwner(payload), fake_rebuild)
+    original = AllDTypes()
+    for name, t in original.named_buffers():
+        got = getattr(model, name)
+        assert got.dtype == t.dtype and got.data_ptr() % got.element_size() == 0
+        assert torch.equal(got.view(torch.uint8), t.view(torch.uint8)), name
+
+
+def test_plan_packs_small_storages_and_keeps_big_ones_whole():
+    sizes = [10, 2**20, 0, 64 * 1024 - 1, 64 * 1024, 300, 5 * 2**20]
+    places, segments = plan(sizes, limit=256 * 1024)
+    for n, (segment, offset, nbytes) in zip(sizes, places):
+        assert nbytes == n and offset % ALIGNMENT == 0
+        assert offset + n <= segments[segment].length
+        assert segments[segment].pack == (n < 64 * 1024)
+        if not segments[segment].pack:
+            assert offset == 0 and segments[segment].length == n
+    packs = [s for s in segments if s.pack]
+    assert all(s.length % 4096 == 0 and s.length <= 256 * 1024 for s in packs)
+    # Within a pack, storages never overlap.
+    for index in range(len(segments)):
+        spans = sorted((o, o + n) for (seg, o, n) in places if seg == index)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_plan_bounds_every_pack():
+    sizes = [4096] * 1000  # 4 MiB of small storages, packs of at most 1 MiB
+    places, segments = plan(sizes, limit=2**20)
+    assert len(segments) == 4 and all(s.pack and s.length <= 2**20 for s in segments)
+    assert len({(seg, off) for seg, off, _ in places}) == 1000
+
+
+def test_mismatched_export_is_model_lost():
+    payload, _ = pack(Tied())
+
+    class Wrong(FakeOwner):
+        def acquire(self, pid):
+            lease, handle, extents = super().acquire(pid)
+            return lease, handle, extents[:-1]
+
+    with pytest.raises(ModelLostError, match="segments"):
+        gpu.load_shared(payload, torch.device("cpu"), Wrong(payload), fake_rebuild)
+
+
+class OnlyEmpty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(0, 4))
+
+
+def test_empty_model_needs_no_export_and_ends_its_lease():
+    payload, _ = pack(OnlyEmpty())
+    owner = FakeOwner(payload)
+    assert owner.handle is None
+    model = gpu.load_shared(payload, torch.device("cpu"), owner, fake_rebuild)
+    assert model.w.shape == (0, 4) and isinstance(model.w, nn.Parameter)
+    assert owner.released == [1]  # nothing to keep alive
+
+
 def test_private_copy_keeps_layout():
     original = Tied()
     payload, _ = pack(original)
     storages = gpu.private_copy(payload, torch.device("cpu"))
     assert [s.nbytes() for s in storages] == [int(s.nbytes) for s in payload.storages]
+    assert len({s.data_ptr() for s in storages if s.nbytes()}) == len([s for s in storages if s.nbytes()])
     from zcbench.reference.unpacking import unpack
 
     model = unpack(payload, storages, torch.device("cpu"))
@@ -279,6 +384,11 @@ class GpuHolder:
         gc.collect()
         return torch.cuda.memory_allocated()
 
+    def span(self):
+        """Where the model's storages lie: lowest start, highest end, how many."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.model.parameters()}
+        return {"lo": min(storages), "hi": max(p + n for p, n in storages.items()), "storages": len(storages)}
+
 
 class Blob(nn.Module):
     def __init__(self, mib: int):
@@ -288,6 +398,15 @@ class Blob(nn.Module):
 
     def forward(self, x):
         return self.w(x).sum(-1)
+
+
+class ManyTensors(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.tensors = nn.ParameterList(nn.Parameter(torch.randn(1024)) for _ in range(n))
+
+    def forward(self, x):
+        return torch.stack([x @ t for t in self.tensors], dim=1)
 
 
 def _owners() -> list[dict]:
@@ -343,6 +462,26 @@ def test_gpu_one_copy_per_gpu(gpu_pool):
         expected = original.cuda()(x.cuda()).cpu()
     for out in ray.get([h.run.remote(x) for h in pool]):
         assert torch.equal(out, expected)
+
+
+@needs_cuda
+def test_gpu_many_tensors_one_exported_buffer(gpu_pool):
+    torch.manual_seed(1)
+    original = ManyTensors(2000)
+    nbytes = 2000 * 1024 * 4
+    wrapper = ModelWrapper.from_model(original)
+    (holder,) = gpu_pool(1)
+    report = ray.get(holder.load.remote([wrapper], device="cuda"))
+    assert report["allocated"] < 16 * MiB
+    span = ray.get(holder.span.remote())
+    (owner,) = _owner_stats()
+    assert span["storages"] == 2000
+    assert span["hi"] - span["lo"] <= owner["nbytes"]  # all 2,000 storages inside the one exported buffer
+    assert nbytes <= owner["nbytes"] < nbytes + 2 * MiB
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        expected = original.cuda()(x.cuda()).cpu()
+    assert torch.equal(ray.get(holder.run.remote(x)), expected)
 
 
 @needs_cuda

@@ -18,8 +18,8 @@ from zcbench.reference import (
     UnpicklableAttributeError,
     UnsupportedTensorError,
 )
-from zcbench.suites import cases
-from zcbench.suites.compare import assert_same
+from zcbench.suites import models as cases
+from zcbench.suites.equality import assert_same
 
 h.register(__name__)
 

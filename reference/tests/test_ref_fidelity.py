@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from zcbench.reference import ModelWrapper
-from zcbench.suites.compare import assert_same
+from zcbench.suites.equality import assert_same
 
 h.register(__name__)
 

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from zcbench.reference import IsolationUnavailableError, ModelWrapper
-from zcbench.suites import cases
+from zcbench.suites import models as cases
 
 h.register(__name__)
 

@@ -8,8 +8,8 @@ import ray
 import torch
 
 from zcbench.reference import ModelWrapper
-from zcbench.suites import cases
-from zcbench.suites.compare import assert_same
+from zcbench.suites import models as cases
+from zcbench.suites.equality import assert_same
 
 h.register(__name__)
 

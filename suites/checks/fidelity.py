@@ -14,9 +14,8 @@ import ray
 import torch
 from torch import nn
 
-from .. import probes
+from .. import hosts, probes
 from ..registry import check
-from .zero_copy import loaded
 
 KiB = 1024
 #: Bytes per test tensor: above Ray's 100 KiB inline limit.
@@ -97,17 +96,17 @@ def compare_tensors(expected: nn.Module, got: dict[str, TensorFacts]) -> None:
             )
 
 
-@check("fidelity.dtypes")
+@check("fidelity.dtypes", hosts={"head": 1})
 def check_dtypes(impl) -> dict[str, Any]:
     """bf16, fp16, both float8s, bool, int8/32/64, uint8 and complex64 tensors keep dtype, shape and bytes."""
     original = AllDtypes()
-    with loaded(impl, original) as (actor,):
-        got = ray.get(actor.apply.remote(_describe_tensors))
+    with hosts.loaded(impl, original) as (actor,):
+        got = ray.get(actor.apply(_describe_tensors))
     compare_tensors(original, got)
     return {"dtypes": [str(d) for d in DTYPES], "bytes_each": TENSOR_BYTES}
 
 
-@check("fidelity.random_tensors")
+@check("fidelity.random_tensors", hosts={"head": 1})
 def check_random_tensors(impl) -> dict[str, Any]:
     """Hypothesis-drawn tensors (odd dtypes, strides, offsets, views) keep dtype, layout and bytes."""
     from hypothesis import given
@@ -117,8 +116,8 @@ def check_random_tensors(impl) -> dict[str, Any]:
     drawn: list[int] = []
 
     def one(module: nn.Module) -> None:
-        with loaded(impl, module) as (actor,):
-            got = ray.get(actor.apply.remote(_describe_tensors))
+        with hosts.loaded(impl, module) as (actor,):
+            got = ray.get(actor.apply(_describe_tensors))
         compare_tensors(module, got)
         drawn.append(len(list(probes.named_tensors(module))))
 
@@ -149,15 +148,15 @@ def _tie_report(model: Tied) -> dict[str, Any]:
     }
 
 
-@check("fidelity.tied_weights")
+@check("fidelity.tied_weights", hosts={"head": 1})
 def check_tied_weights(impl) -> dict[str, Any]:
     """A weight tied between two modules stays one Parameter over one storage, stored once."""
     original = Tied()
     nbytes = original.a.weight.nbytes
-    before = probes.settled_store_bytes()
-    with loaded(impl, original) as (actor,):
-        grown = probes.settled_store_bytes() - before  # before apply: its reply lands in the store too
-        report = ray.get(actor.apply.remote(_tie_report))
+    before = probes.store_bytes()
+    with hosts.loaded(impl, original) as (actor,):
+        grown = probes.store_bytes() - before  # before apply: its reply lands in the store too
+        report = ray.get(actor.apply(_tie_report))
     assert report["same_object"], "a.weight and b.weight are two objects after load (tied in the original)"
     assert report["same_storage"], "a.weight and b.weight have separate storages after load (tied in the original)"
     assert np.array_equal(report["bytes"], _raw_bytes(original.a.weight)), "tied weight a.weight: bytes differ"
@@ -214,13 +213,13 @@ def _layout_report(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@check("fidelity.layout")
+@check("fidelity.layout", hosts={"head": 1})
 def check_layout(impl) -> dict[str, Any]:
     """Strides, storage offsets, channels_last and views sharing a storage survive; conv outputs equal."""
     original = Layouts()
     want = _layout_report(original)
-    with loaded(impl, original) as (actor,):
-        got = ray.get(actor.apply.remote(_layout_report))
+    with hosts.loaded(impl, original) as (actor,):
+        got = ray.get(actor.apply(_layout_report))
     for name, w in want["layout"].items():
         g = got["layout"].get(name)
         assert g is not None, f"{name}: missing after load"
@@ -264,13 +263,13 @@ def _metadata_report(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@check("fidelity.metadata")
+@check("fidelity.metadata", hosts={"head": 1})
 def check_metadata(impl) -> dict[str, Any]:
     """Parameters stay Parameters, buffers stay (non-)persistent buffers, requires_grad and train/eval per module survive."""
     original = Metadata()
     want = _metadata_report(original)
-    with loaded(impl, original) as (actor,):
-        got = ray.get(actor.apply.remote(_metadata_report))
+    with hosts.loaded(impl, original) as (actor,):
+        got = ray.get(actor.apply(_metadata_report))
     for key in ("parameters", "buffers", "state_dict", "training"):
         w, g = want[key], got[key]
         if w != g:
@@ -304,14 +303,14 @@ def _input_grad(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return {"inference": inference, "error": None, "grad": x.grad}
 
 
-@check("fidelity.autograd")
+@check("fidelity.autograd", hosts={"head": 1})
 def check_autograd(impl) -> dict[str, Any]:
     """Gradients with respect to the inputs flow through the loaded model and equal the original's."""
     original = Small().eval()
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(9))
     want = _input_grad(original, x)
-    with loaded(impl, original) as (actor,):
-        got = ray.get(actor.apply.remote(_input_grad, x))
+    with hosts.loaded(impl, original) as (actor,):
+        got = ray.get(actor.apply(_input_grad, x))
     assert not got["inference"], f"inference tensors after load (autograd cannot use them): {got['inference']}"
     assert got["error"] is None, f"backward through the loaded model failed: {got['error']}"
     if not torch.equal(got["grad"], want["grad"]):

@@ -15,10 +15,9 @@ import ray
 import torch
 from torch import nn
 
-from .. import actors
+from .. import hosts
 from ..contract import release
 from ..registry import SkipCheck, check
-from .zero_copy import wait_dead
 
 #: Write paths, each to its own 256 KiB weight (over Ray's 100 KiB inline limit).
 PATHS = {
@@ -85,35 +84,35 @@ def observe_writes(impl) -> dict[str, Any]:
     original = WriteTargets()
     expected = {n: p.detach().clone() for n, p in original.named_parameters()}
     wrapped = impl.wrap(original, "actor")
-    pool: list[Any] = []
+    pool: list[hosts.Loaded] = []
     rows: dict[str, dict[str, Any]] = {}
     try:
-        a, b = actors.spawn(impl, wrapped, 2)
+        a, b = hosts.load(impl, wrapped, 2)
         pool += [a, b]
         for path, name in PATHS.items():
             row = {"error": None, "crashed": False, "a_changed": False, "changed_in": []}
             try:
-                row["error"] = ray.get(a.apply.remote(_write, path))
-                got = ray.get(a.apply.remote(_read, [name]))[name]
+                row["error"] = ray.get(a.apply(_write, path))
+                got = ray.get(a.apply(_read, [name]))[name]
                 row["a_changed"] = not torch.equal(got, expected[name])
             except ray.exceptions.RayActorError as exc:
                 row["crashed"], row["error"] = True, f"actor A died: {type(exc).__name__}"
-                (a,) = actors.spawn(impl, wrapped, 1)  # a fresh writer for the remaining paths
+                hosts.kill([a])
+                (a,) = hosts.load(impl, wrapped)  # a fresh writer for the remaining paths
                 pool.append(a)
-            if not torch.equal(ray.get(b.apply.remote(_read, [name]))[name], expected[name]):
+            if not torch.equal(ray.get(b.apply(_read, [name]))[name], expected[name]):
                 row["changed_in"].append("B")
             if not torch.equal(getattr(original, name).detach(), expected[name]):
                 row["changed_in"].append("driver")
             rows[path] = row
-        (c,) = actors.spawn(impl, wrapped, 1)  # loaded after every write
+        (c,) = hosts.load(impl, wrapped)  # loaded after every write
         pool.append(c)
-        late = ray.get(c.apply.remote(_read, list(PATHS.values())))
+        late = ray.get(c.apply(_read, list(PATHS.values())))
         for path, name in PATHS.items():
             if not torch.equal(late[name], expected[name]):
                 rows[path]["changed_in"].append("C")
     finally:
-        actors.kill(pool)
-        wait_dead(pool)
+        hosts.release(pool)
         release(impl, wrapped)
     classes = {p: _classify(r["error"], r["crashed"], r["a_changed"], r["changed_in"]) for p, r in rows.items()}
     return {
@@ -147,7 +146,7 @@ def _describe(obs: dict[str, Any], paths: list[str]) -> str:
     return ", ".join(parts)
 
 
-@check("isolation.classify_writes")
+@check("isolation.classify_writes", hosts={"head": 3})
 def check_classify_writes(impl) -> dict[str, Any]:
     """No in-place write (add_, copy_, load_state_dict, .data, SGD step) reaches another actor, a later actor or the driver."""
     obs = observed(impl)

@@ -18,11 +18,11 @@ import psutil
 import ray
 import torch
 
-from .. import actors, probes
-from ..cases import blob_case
-from ..compare import assert_same
-from ..contract import Implementation, load_implementation, release
+from .. import hosts, models, probes
+from ..contract import Implementation, release
+from ..equality import assert_same
 from ..registry import check
+from ..session import HEAD, current
 
 MiB = 2**20
 #: Ray frees objects asynchronously after the last reference is gone.
@@ -35,7 +35,7 @@ def _forward(model: Any, inputs: tuple) -> Any:
 
 
 def _outputs(pool: list, inputs: tuple) -> list:
-    return ray.get([a.apply.remote(_forward, inputs) for a in pool])
+    return ray.get([a.apply(_forward, inputs) for a in pool])
 
 
 def _assert_outputs(pool: list, inputs: tuple, expected: Any, when: str) -> None:
@@ -59,21 +59,21 @@ def _store_counters() -> dict[str, int]:
     return total
 
 
-def _churn_store(total: int, chunk: int, keep: int) -> int:
-    """Put ``total`` bytes of junk into the store in ``chunk``-sized objects, at most ``keep`` alive.
+def _fill_store(capacity: int, fill: float, chunk: int = 16 * MiB) -> int:
+    """Fill the driver's store to ``fill`` times ``capacity`` with junk the driver keeps mapped, then let it go.
 
-    The junk is a 0xA5 pattern, so store pages reused from weights freed too early read as
-    garbage. Returns how many bytes were put.
+    The junk is a 0xA5 pattern, and mapped junk cannot be spilled: to make room the store must
+    reuse every free page (``fill`` just under 1), and beyond its capacity spill every object no
+    process maps (``fill`` over 1; the rest goes to Ray's disk fallback). Weights freed or
+    spilled too early then read as garbage. Returns the bytes put.
     """
     junk = np.full(chunk, 0xA5, dtype=np.uint8)
-    alive: list[ray.ObjectRef] = []
-    put = 0
-    while put < total:
-        alive.append(ray.put(junk))  # every put is a new object: a fresh copy into the store
+    pinned, put = [], 0
+    in_use = probes.store_bytes_by_node().get(current().node(HEAD), 0)
+    while in_use + put + chunk <= fill * capacity:
+        pinned.append(ray.get(ray.put(junk)))  # a new object, held mapped by this process
         put += chunk
-        if len(alive) > keep:
-            alive.pop(0)
-    del alive, junk
+    del pinned, junk
     gc.collect()
     return put
 
@@ -81,81 +81,78 @@ def _churn_store(total: int, chunk: int, keep: int) -> int:
 @check("lifetime.driver_drops_wrapper")
 def check_driver_drops_wrapper(impl: Implementation) -> dict:
     """Actors keep the original's outputs after the driver drops its wrapper and model and the store is reused."""
-    case = blob_case(16)
-    original = case.build()
+    case = models.blob_case(16)
+    original = models.build(case)
     inputs = case.inputs()
     expected = case.run(original, inputs)
     wrapped = impl.wrap(original, "actor")
-    pool = actors.spawn(impl, wrapped, 2)
+    pool = hosts.load(impl, wrapped, 2)
     try:
         _assert_outputs(pool, inputs, expected, "before the driver dropped the wrapper")
         # The user is done with the wrapper in the driver (release is not called: the
         # actors still use the weights).
         del wrapped, original
         gc.collect()
-        time.sleep(0.5)
         _assert_outputs(pool, inputs, expected, "after the driver dropped the wrapper")
         # Freed store pages get reused by new objects: weights freed too early now read as junk.
-        put = _churn_store(total=8 * 16 * MiB, chunk=16 * MiB, keep=2)
+        put = _fill_store(current().store_capacity(HEAD), fill=0.95)
         _assert_outputs(pool, inputs, expected, f"after the driver dropped the wrapper and {put // MiB} MiB of other objects came and went")
     finally:
-        actors.kill(pool)
+        hosts.release(pool)
     return {"churned_mib": put // MiB}
 
 
-@check("lifetime.store_pressure")
+@check("lifetime.store_pressure", hosts={"head": 2})
 def check_store_pressure(impl: Implementation) -> dict:
     """A 64 MiB model loaded in actors keeps its outputs while more than the store's capacity passes through it."""
-    capacity = int(ray.cluster_resources()["object_store_memory"])
-    case = blob_case(64)
-    original = case.build()
+    capacity = current().store_capacity(HEAD)
+    case = models.blob_case(64)
+    original = models.build(case)
     inputs = case.inputs()
     expected = case.run(original, inputs)
     wrapped = impl.wrap(original, "actor")
-    pool = actors.spawn(impl, wrapped, 1)
+    pool = hosts.load(impl, wrapped)
     late: list = []
     try:
         _assert_outputs(pool, inputs, expected, "before store pressure")
-        # Keeping ~85% of the store alive at the peak pushes Ray past its spilling threshold
-        # (80%); putting 1.25x the capacity in total forces it to evict and reuse pages.
-        chunk = max(capacity // 8, MiB)
+        # More junk than the store holds, kept mapped by the driver: every object no process maps
+        # (an unpinned model) is spilled and its pages reused; the rest goes to Ray's disk fallback.
         counters = _store_counters()
-        put = _churn_store(total=capacity * 5 // 4, chunk=chunk, keep=6)
+        put = _fill_store(capacity, fill=1.25)
         after = _store_counters()
         created = after["created"] - counters["created"]
         assert created >= capacity, f"only {created / MiB:.0f} MiB passed through the {capacity / MiB:.0f} MiB store: no pressure was made"
         _assert_outputs(pool, inputs, expected, f"after {put // MiB} MiB passed through a {capacity // MiB} MiB store")
         # A new actor must still be able to load the (possibly spilled) weights.
-        late = actors.spawn(impl, wrapped, 1)
+        late = hosts.load(impl, wrapped)
         _assert_outputs(late, inputs, expected, "loaded after store pressure")
     finally:
-        actors.kill(pool + late)
+        hosts.release(pool + late)
         release(impl, wrapped)
     return {
         "capacity_mib": capacity // MiB,
         "created_mib": created // MiB,
         "spilled_mib": (after["spilled"] - counters["spilled"]) // MiB,
-        "chunk_mib": chunk // MiB,
     }
 
 
-@check("lifetime.release_after_use")
+@check("lifetime.release_after_use", hosts={"head": 1})
 def check_release_after_use(impl: Implementation) -> dict:
     """Once actors are gone, the wrapper dropped and ``release`` called, the object store returns to its size before ``wrap``."""
-    slack = 4 * MiB
-    case = blob_case(32)
-    original = case.build()
+    slack = 256 * 1024
+    case = models.blob_case(32)
+    original = models.build(case)
     inputs = case.inputs()
     expected = case.run(original, inputs)
     gc.collect()
-    before = probes.settled_store_bytes()
+    before = probes.store_bytes()
     wrapped = impl.wrap(original, "actor")
-    pool = actors.spawn(impl, wrapped, 1)
+    pool = hosts.load(impl, wrapped)
     try:
         _assert_outputs(pool, inputs, expected, "while loaded")
         in_use = probes.store_bytes()
     finally:
-        actors.kill(pool)
+        hosts.kill(pool)  # the actors are gone: everything their processes held is released
     release(impl, wrapped)
     del wrapped, original, pool
     gc.collect()
@@ -168,83 +165,91 @@ def check_release_after_use(impl: Implementation) -> dict:
     return {"before_mib": before / MiB, "in_use_mib": in_use / MiB, "after_mib": after / MiB}
 
 
-@ray.remote
-class _Cycler:
-    """A long-lived actor that loads a wrapped model through the implementation, runs it and drops it."""
-
-    def __init__(self, impl_spec: str):
-        self.impl = load_implementation(impl_spec)
-
-    def load_run_drop(self, wrapped_box: list, inputs: tuple) -> Any:
-        model = self.impl.load(wrapped_box[0], "cpu")
-        out = _forward(model, inputs)
-        del model, wrapped_box
-        gc.collect()
-        return out
-
-    def usage(self) -> dict[str, int]:
-        gc.collect()
-        return {"uss": probes.memory().uss, "fds": psutil.Process().num_fds()}
-
-
 def _cycles() -> int:
-    return 100 if os.environ.get("ZCBENCH_PROFILE") == "zcbench-thorough" else 10
+    return 100 if os.environ.get("ZCBENCH_PROFILE") == "zcbench-thorough" else 30
 
 
 def _driver_usage() -> dict[str, int]:
-    gc.collect()
+    probes.trim_heap()  # as in the host: freed heap pages do not count as a leak
     me = psutil.Process()
     return {"uss": me.memory_full_info().uss, "fds": me.num_fds()}
 
 
-@check("lifetime.repeated_cycles")
+#: A leak of this fraction of the model per cycle fails the check (16 MiB model: 256 KiB per load).
+LEAK_PER_CYCLE = 1 / 64
+
+
+def leak_bounds(model_bytes: int, cycles: int) -> dict[str, int]:
+    """Growth allowed over ``cycles`` wrap/load/release cycles: memory relative to the model, a few descriptors."""
+    memory = max(4 * MiB, int(cycles * model_bytes * LEAK_PER_CYCLE))
+    return {"driver_uss": memory, "actor_uss": memory, "store": max(MiB, model_bytes // 16), "driver_fds": 4, "actor_fds": 4}
+
+
+def judge_leaks(growth: dict[str, int], bounds: dict[str, int], cycles: int, case_name: str) -> None:
+    """Fail when any growth exceeds its bound, naming each one (memory in MiB, descriptors as counts)."""
+    over = [
+        f"{k} +{v / MiB:.1f} MiB (bound {bounds[k] / MiB:.1f})" if "fds" not in k else f"{k} +{v} (bound {bounds[k]})"
+        for k, v in growth.items()
+        if v > bounds[k]
+    ]
+    assert not over, f"{cycles} wrap/load/release cycles of {case_name} leaked: {', '.join(over)}"
+
+
+@check("lifetime.repeated_cycles", hosts={"head": 1})
 def check_repeated_cycles(impl: Implementation) -> dict:
-    """Repeated wrap -> load in an actor -> release cycles leak no driver or actor memory, store bytes or file descriptors."""
-    bounds = {"driver_uss": 32 * MiB, "actor_uss": 32 * MiB, "store": 8 * MiB, "driver_fds": 8, "actor_fds": 8}
+    """Repeated wrap -> load in an actor -> release cycles leak no driver or actor memory, store bytes or descriptors.
+
+    Memory is judged over the second half of the cycles (a steady leak keeps growing there;
+    an allocator's warm-up does not), with bounds relative to the model; store bytes and
+    descriptors over all of them.
+    """
     n = _cycles()
-    case = blob_case(8)
-    original = case.build()
+    case = models.blob_case(16)
+    original = models.build(case)
+    nbytes = probes.model_bytes(original)
     inputs = case.inputs()
     expected = case.run(original, inputs)
-    options: dict[str, Any] = {"num_cpus": actors.ACTOR_CPUS}
-    if impl.capabilities.worker_env:
-        options["runtime_env"] = {"env_vars": dict(impl.capabilities.worker_env)}
-    cycler = _Cycler.options(**options).remote(impl.spec)
+    (host,) = hosts.borrow(impl)
 
     def cycle(i: int) -> None:
         wrapped = impl.wrap(original, "actor")
-        got = ray.get(cycler.load_run_drop.remote([wrapped], inputs))
+        key = f"cycle{i}"
+        ray.get(host.handle.load.remote(key, impl.spec, [wrapped], "cpu", measure=False), timeout=hosts.LOAD_TIMEOUT_S)
+        got = ray.get(host.handle.apply.remote(key, _forward, inputs))
+        ray.get(host.handle.drop.remote(key, measure=False))  # memory is read at the middle and the end
         release(impl, wrapped)
         try:
             assert_same(got, expected)
         except AssertionError as exc:
             raise AssertionError(f"cycle {i}: {exc}") from None
 
-    try:
-        cycle(0)  # warm-up: imports, allocator pools, Ray's first-use caches
-        base_store = probes.settled_store_bytes()
-        base_driver = _driver_usage()
-        base_actor = ray.get(cycler.usage.remote())
-        start = time.perf_counter()
-        for i in range(1, n + 1):
-            cycle(i)
-        elapsed = time.perf_counter() - start
-        store = probes.wait_store_bytes(lambda v: v - base_store <= bounds["store"], FREE_TIMEOUT_S)
-        driver = _driver_usage()
-        actor = ray.get(cycler.usage.remote())
-    finally:
-        ray.kill(cycler, no_restart=True)
+    def usage() -> tuple[dict[str, int], dict[str, int]]:
+        return _driver_usage(), ray.get(host.handle.usage.remote())
+
+    for warm in range(2):  # imports, allocator pools, Ray's first-use caches
+        cycle(-1 - warm)
+    base_store = probes.store_bytes()
+    driver0, actor0 = usage()
+    start = time.perf_counter()
+    for i in range(1, n + 1):
+        cycle(i)
+        if i == n // 2:
+            driver_mid, actor_mid = usage()
+    elapsed = time.perf_counter() - start
+    store = probes.wait_store_bytes(lambda v: v - base_store <= max(MiB, nbytes // 16), FREE_TIMEOUT_S)
+    driver, actor = usage()
+    late = n - n // 2
+    bounds = {**leak_bounds(nbytes, late), **{k: v for k, v in leak_bounds(nbytes, n).items() if k in ("store", "driver_fds", "actor_fds")}}
     growth = {
-        "driver_uss": driver["uss"] - base_driver["uss"],
-        "actor_uss": actor["uss"] - base_actor["uss"],
+        "driver_uss": driver["uss"] - driver_mid["uss"],
+        "actor_uss": actor["uss"] - actor_mid["uss"],
         "store": store - base_store,
-        "driver_fds": driver["fds"] - base_driver["fds"],
-        "actor_fds": actor["fds"] - base_actor["fds"],
+        "driver_fds": driver["fds"] - driver0["fds"],
+        "actor_fds": actor["fds"] - actor0["fds"],
     }
-    over = [
-        f"{k} +{v / MiB:.1f} MiB (bound {bounds[k] / MiB:.0f})" if "fds" not in k else f"{k} +{v} (bound {bounds[k]})"
-        for k, v in growth.items()
-        if v > bounds[k]
-    ]
-    assert not over, f"{n} wrap/load/release cycles of {case.name} leaked: {', '.join(over)}"
-    return {"cycles": n, "seconds_per_cycle": elapsed / n, **{f"{k}_growth": v for k, v in growth.items()}}
+    judge_leaks(growth, bounds, n, case.name)
+    return {
+        "cycles": n, "model_bytes": nbytes, "seconds_per_cycle": elapsed / n, "judged_memory_over_cycles": late,
+        "driver_uss_growth_all": driver["uss"] - driver0["uss"], "actor_uss_growth_all": actor["uss"] - actor0["uss"],
+        **{f"{k}_growth": v for k, v in growth.items()},
+    }  # fmt: skip

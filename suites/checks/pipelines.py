@@ -12,9 +12,9 @@ import ray
 import torch
 from torch import nn
 
-from .. import actors, probes
-from ..compare import assert_same
+from .. import hosts, probes
 from ..contract import Implementation, release
+from ..equality import assert_same
 from ..registry import check
 
 MiB = 2**20
@@ -73,14 +73,6 @@ class Codec:
         return [self.vocab.get(w, 0) for w in words]
 
 
-def _unique_bytes(obj: Any) -> int:
-    seen = {}
-    for _, t in probes.named_tensors(obj):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
 def _run_containers(p: Any, x: torch.Tensor) -> dict[str, Any]:
     with torch.no_grad():
         out = p(x)
@@ -94,23 +86,24 @@ def _run_containers(p: Any, x: torch.Tensor) -> dict[str, Any]:
     }
 
 
-@check("pipelines.containers", requires=("cpu", "pipelines"))
+@check("pipelines.containers", requires=("cpu", "pipelines"), hosts={"head": 1})
 def check_containers(impl: Implementation) -> dict:
     """A pipeline with modules in attributes/list/tuple/dict/nested object loads identical, a twice-referenced module stays one object stored once."""
     original = ContainerPipeline()
     x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = original(x)
-    unique = _unique_bytes(original)
-    shared = _unique_bytes(original.shared)
-    before = probes.settled_store_bytes()
+    unique = probes.model_bytes(original)
+    shared = probes.model_bytes(original.shared)
+    before = probes.store_bytes()
     wrapped = impl.wrap(original, "actor")
-    pool = actors.spawn(impl, wrapped, 1)
+    pool: list[hosts.Loaded] = []
     try:
-        added = probes.settled_store_bytes() - before
-        got = ray.get(pool[0].apply.remote(_run_containers, x))
+        pool = hosts.load(impl, wrapped)
+        added = probes.store_bytes() - before
+        got = ray.get(pool[0].apply(_run_containers, x))
     finally:
-        actors.kill(pool)
+        hosts.release(pool)
         release(impl, wrapped)
     assert_same(got["out"], expected)
     want_types = ["ContainerPipeline", "list", "tuple", "dict", "Inner"]
@@ -135,18 +128,13 @@ def _run_codec(p: Any, x: torch.Tensor, words: list[str]) -> dict[str, Any]:
         return {"encode": z, "decode": p.decode(z), "roundtrip": p.roundtrip(x), "token_ids": p.token_ids(words)}
 
 
-@check("pipelines.methods", requires=("cpu", "pipelines"))
+@check("pipelines.methods", requires=("cpu", "pipelines"), hosts={"head": 1})
 def check_methods(impl: Implementation) -> None:
     """A pipeline's own public methods (encode/decode/roundtrip/token_ids) work after load, with identical results."""
     original = Codec()
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(3))
     words = ["copy", "zero", "nothing"]
     expected = _run_codec(original, x, words)
-    wrapped = impl.wrap(original, "actor")
-    pool = actors.spawn(impl, wrapped, 1)
-    try:
-        got = ray.get(pool[0].apply.remote(_run_codec, x, words))
-    finally:
-        actors.kill(pool)
-        release(impl, wrapped)
+    with hosts.loaded(impl, original) as (actor,):
+        got = ray.get(actor.apply(_run_codec, x, words))
     assert_same(got, expected, "pipeline methods")

@@ -1,164 +1,96 @@
-"""Ray Data end to end: the seed's usage pattern (parquet in, ``map_batches`` with an actor pool, parquet out).
+"""Ray Data end to end: the seed guide's pattern (parquet in, ``map_batches`` with an actor pool, parquet out).
 
-The model is loaded inside Ray Data's own pool actors, so the check also records where
-the loaded weights lie in those processes (a side channel of extra output columns).
+The model is loaded inside Ray Data's own pool actors (:mod:`..pipeline`), which report
+where the loaded weights lie in those processes.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-import uuid
-from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-
-from .. import probes
-from ..cases import ModelCase, blob_case
-from ..contract import load_implementation, release
-from ..registry import check
+from .. import models, pipeline
+from ..contract import release
+from ..registry import SkipCheck, check
 
 ROWS = 256
 FILES = 8
 BATCH = 32
 POOL = 2
-#: Storages below this may be inlined by Ray rather than stored; zero-copy is judged above it.
-MIN_STORED_BYTES = 100 * 1024
-CASE: ModelCase = blob_case(16)
-WIDTH = 1024  # blob_case's input width
+CASE = models.blob_case(16)
 
 
-class InferenceActor:
-    """The seed's actor: loads the model once in ``__init__`` and runs it on each batch.
-
-    Besides the model's output (raw float32 bytes per row, so the comparison is exact)
-    it returns where the loaded weights lie in this process, and a batch key so the
-    driver can rebuild the very same batch.
-    """
-
-    def __init__(self, impl_spec: str, model_wrapper: Any):
-        # One thread here and in the driver's re-run: GEMM sums in a thread-count-dependent order.
-        torch.set_num_threads(1)
-        self.model = load_implementation(impl_spec).load(model_wrapper, "cpu")
-        self.residency = probes.residency(self.model, MIN_STORED_BYTES)
-        self.pid = os.getpid()
-        self.calls = 0
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = np.stack([np.asarray(f, dtype=np.float32) for f in batch["features"]])
-        with torch.no_grad():
-            out = self.model(torch.from_numpy(features)).numpy()
-        n = len(out)
-        key = f"{self.pid}-{self.calls}"
-        self.calls += 1
-        r = self.residency
-        return {
-            "id": np.asarray(batch["id"], dtype=np.int64),
-            "output": np.array([row.tobytes() for row in out], dtype=object),
-            "batch_key": np.array([key] * n, dtype=object),
-            "pos": np.arange(n, dtype=np.int64),
-            "pid": np.full(n, self.pid, dtype=np.int64),
-            "bytes_total": np.full(n, r.bytes_total, dtype=np.int64),
-            "bytes_in_store": np.full(n, r.bytes_in_store, dtype=np.int64),
-            "outside": np.array([",".join(r.outside[:3])] * n, dtype=object),
-        }
-
-
-def _write_input(directory: str) -> np.ndarray:
-    """Write ``ROWS`` rows (id, float32 feature vector) as ``FILES`` parquet files; return the features."""
-    rng = np.random.default_rng(3)
-    features = rng.standard_normal((ROWS, WIDTH), dtype=np.float32)
-    per_file = ROWS // FILES
-    for i in range(FILES):
-        lo, hi = i * per_file, (i + 1) * per_file
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(features[lo:hi].ravel()), WIDTH)
-        table = pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)), "features": vectors})
-        pq.write_table(table, os.path.join(directory, f"part-{i:02d}.parquet"))
-    return features
-
-
-def verify_results(table: pa.Table, features: np.ndarray, original: torch.nn.Module) -> dict[str, Any]:
-    """Every id once, each batch's output bytes equal to the original model on the same batch."""
-    ids = table.column("id").to_pylist()
-    missing = sorted(set(range(len(features))) - set(ids))
-    dupes = len(ids) - len(set(ids))
-    assert not missing and not dupes, (
-        f"ray_data: {len(missing)} row ids missing (first {missing[:5]}), {dupes} duplicated, of {len(features)}"
-    )
-    batches: dict[str, list[tuple[int, int, bytes]]] = defaultdict(list)
-    for key, pos, rid, out in zip(
-        table.column("batch_key").to_pylist(),
-        table.column("pos").to_pylist(),
-        ids,
-        table.column("output").to_pylist(),
-    ):
-        batches[key].append((pos, rid, out))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # same reduction order as the pool actors
-    try:
-        _compare_batches(batches, features, original)
-    finally:
-        torch.set_num_threads(threads)
-    return {"rows": len(ids), "batches": len(batches)}
-
-
-def _compare_batches(batches: dict[str, list[tuple[int, int, bytes]]], features: np.ndarray, original: Any) -> None:
-    for rows in batches.values():
-        rows.sort()
-        # Re-run the original on the same rows in the same order: GEMM results may depend on batch shape.
-        with torch.no_grad():
-            expected = original(torch.from_numpy(features[[rid for _, rid, _ in rows]])).numpy()
-        for (_, rid, got), want in zip(rows, expected):
-            if got != want.tobytes():
-                diff = np.abs(np.frombuffer(got, dtype=np.float32) - want).max() if len(got) == want.nbytes else "n/a"
-                raise AssertionError(f"ray_data: output of row {rid} differs from the original model (max abs diff {diff})")
-
-
-@check("ray_data.end_to_end")
-def check_ray_data_end_to_end(impl) -> dict[str, Any]:
-    """read_parquet → map_batches(actor pool loading the wrapped model) → write_parquet gives exact outputs, zero-copy."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    original = CASE.build()
-    wrapped = impl.wrap(original, "actor")
-    remote_args: dict[str, Any] = {}
-    if impl.capabilities.worker_env:
-        remote_args["runtime_env"] = {"env_vars": dict(impl.capabilities.worker_env)}
-    try:
-        with tempfile.TemporaryDirectory(prefix="zcbench-ray-data-") as tmp:
-            src, dst = os.path.join(tmp, "in"), os.path.join(tmp, f"out-{uuid.uuid4().hex[:8]}")
-            os.makedirs(src)
-            features = _write_input(src)
-            ds = ray.data.read_parquet(src, override_num_blocks=FILES).map_batches(
-                InferenceActor,
-                fn_constructor_kwargs={"impl_spec": impl.spec, "model_wrapper": wrapped},
-                batch_size=BATCH,
-                batch_format="numpy",
-                compute=ActorPoolStrategy(size=POOL),
-                num_cpus=0.25,  # whole CPUs for the pool starve the read tasks on small machines
-                **remote_args,
-            )
-            ds.write_parquet(dst)
-            table = pq.read_table(dst)
-    finally:
-        release(impl, wrapped)
-    seen = verify_results(table, features, original)
-    pids = sorted(set(table.column("pid").to_pylist()))
-    total = table.column("bytes_total").to_pylist()
-    inside = table.column("bytes_in_store").to_pylist()
-    outside = [o for o in table.column("outside").to_pylist() if o]
-    observed = {**seen, "actors_used": len(pids), "bytes_total": max(total), "bytes_in_store_min": min(inside)}
-    if impl.capabilities.zero_copy:
-        assert min(total) > 0, "ray_data: the loaded model has no CPU tensor storage above 100 KiB to locate"
-        short = [(t, i) for t, i in zip(total, inside) if i < t]
+def judge_residency(reports: list[dict[str, Any]], zero_copy: bool) -> dict[str, Any]:
+    """Every pool actor loaded, and (when zero-copy is claimed) holds every weight byte in the object store."""
+    assert reports, "ray_data: no pool actor reported a load"
+    res = [r["residency"] for r in reports]
+    observed = {"actors_loaded": len(reports), "bytes_total": max(r["bytes_total"] for r in res),
+                "bytes_in_store_min": min(r["bytes_in_store"] for r in res)}  # fmt: skip
+    if zero_copy:
+        assert observed["bytes_total"] > 0, "ray_data: the loaded model has no CPU tensor storage above 100 KiB to locate"
+        short = [r for r in res if r["bytes_in_store"] < r["bytes_total"]]
         assert not short, (
-            f"ray_data: in a Ray Data pool actor only {short[0][1]} of {short[0][0]} weight bytes lie in the "
-            f"object store (copied: {outside[0] if outside else '?'})"
+            f"ray_data: in a Ray Data pool actor only {short[0]['bytes_in_store']} of {short[0]['bytes_total']} weight "
+            f"bytes lie in the object store (outside: {', '.join(short[0]['outside'][:3])})"
         )
     return observed
+
+
+@check("ray_data.end_to_end", hosts={})
+def check_ray_data_end_to_end(impl) -> dict[str, Any]:
+    """read_parquet -> map_batches(actor pool loading the wrapped model) -> write_parquet: every row once, exact, zero-copy."""
+    original = models.build(CASE)
+    wrapped = impl.wrap(original, "actor")
+    try:
+        with tempfile.TemporaryDirectory(prefix="zcbench-ray-data-") as tmp:
+            data = pipeline.make_inputs(CASE, ROWS, seed=3, workdir=tmp, files=FILES)
+            run = pipeline.run(impl, wrapped, data, pool=POOL, batch=BATCH, out_dir=tmp)
+    finally:
+        release(impl, wrapped)
+    seen = pipeline.verify(run.table, data, original)
+    return {**seen, **judge_residency(run.reports, impl.capabilities.zero_copy), "wall_s": run.wall_s}
+
+
+@check("ray_data.image_classifier", hosts={})
+def check_image_classifier(impl) -> dict[str, Any]:
+    """The guide's image example as written: read_images -> ResNet-50 pipeline in an actor pool (preprocess,
+    softmax, top-1) -> write_parquet: every image once, exact classes and confidences, BatchNorm in eval, zero-copy."""
+    from .. import workloads
+
+    missing = models.missing_requirements(models.RESNET50.name)
+    if missing:
+        raise SkipCheck(f"the image classifier needs {', '.join(missing)}, which cannot be imported here")
+    original = workloads.ImageClassifier(models.build(models.RESNET50))
+    wrapped = impl.wrap(original, "actor")
+    try:
+        with tempfile.TemporaryDirectory(prefix="zcbench-images-") as tmp:
+            paths = workloads.write_images(Path(tmp) / "images")
+            table, reports = workloads.run_image_classifier(impl, wrapped, Path(tmp) / "images", pool=POOL, batch=4)
+            training = [r for r in reports if r["batchnorm_training"]]
+            assert not training, (
+                f"ray_data: {training[0]['batchnorm_training']} of {training[0]['batchnorms']} BatchNorm layers are in "
+                "training mode after load (the original pipeline is in eval)"
+            )
+            seen = workloads.verify_classified(table, paths, original)
+    finally:
+        release(impl, wrapped)
+    return {**seen, **judge_residency(reports, impl.capabilities.zero_copy)}
+
+
+@check("ray_data.guide_patterns", hosts={})
+def check_guide_patterns(impl) -> dict[str, Any]:
+    """CSV + JSON + from_items sources, preprocessing as a separate map_batches, the guide's error-rows actor:
+    every row accounted for (exact outputs, an error row for each failing row), zero-copy."""
+    from .. import workloads
+
+    original = models.build(models.TABULAR)
+    wrapped = impl.wrap(original, "actor")
+    try:
+        with tempfile.TemporaryDirectory(prefix="zcbench-patterns-") as tmp:
+            # One actor: sharing between pool actors is end_to_end's; this check is about the sources and rows.
+            table, reports, rows = workloads.run_patterns(impl, wrapped, Path(tmp), pool=1, batch=16)
+    finally:
+        release(impl, wrapped)
+    seen = workloads.verify_patterns(table, rows, original)
+    return {**seen, **judge_residency(reports, impl.capabilities.zero_copy)}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import probes
-from ..compare import assert_same
+from ..equality import assert_same
 from ..contract import Implementation, release
 from ..registry import check
 
@@ -70,7 +70,7 @@ def _load_task(impl: Implementation, original: Any) -> tuple[Any, Any]:
     return wrapped, proxy
 
 
-@check("task_mode.outputs", requires=("cpu", "task_mode"))
+@check("task_mode.outputs", requires=("cpu", "task_mode"), hosts={})
 def check_outputs(impl: Implementation) -> None:
     """The task-mode callable and its forwarded public methods (embed, encode) return the original's outputs."""
     model = Embedder().eval()
@@ -91,7 +91,7 @@ def check_outputs(impl: Implementation) -> None:
         release(impl, wrapped)
 
 
-@check("task_mode.zero_copy", requires=("cpu", "task_mode", "zero_copy"))
+@check("task_mode.zero_copy", requires=("cpu", "task_mode", "zero_copy"), hosts={})
 def check_zero_copy(impl: Implementation) -> dict:
     """The task that runs a call holds every weight inside the object store (measured in that task)."""
     model = Embedder().eval()

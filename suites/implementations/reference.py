@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from zcbench.reference import ModelWrapper, __version__
 
 from ..contract import Capabilities
@@ -20,9 +18,7 @@ class ReferenceImpl:
 
     name = "reference"
     version = __version__
-    capabilities = Capabilities(
-        cpu=True, cuda=torch.cuda.is_available(), task_mode=True, write_policy="cow", cuda_write_policy="shared"
-    )
+    capabilities = Capabilities(cpu=True, cuda=True, task_mode=True, write_policy="cow", cuda_write_policy="shared")
 
     def wrap(self, obj: Any, mode: str = "actor") -> ModelWrapper:
         return ModelWrapper.from_model(obj, mode=mode)

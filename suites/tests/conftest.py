@@ -1,13 +1,35 @@
-"""One Ray cluster for the whole test session (a start-stop cycle costs ~7 s here)."""
+"""The negative-control summary (N of N checks proven to fail) at the end of a run."""
+
+from __future__ import annotations
 
 import pytest
 
+OUTCOMES = pytest.StashKey[list]()
 
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
 
-    from zcbench.suites.cluster import ensure_ray
+@pytest.fixture
+def control_outcomes(request: pytest.FixtureRequest) -> list:
+    """Where each control test records (check id, mutant, status) for the summary line."""
+    return request.config.stash.setdefault(OUTCOMES, [])
 
-    ensure_ray()
-    yield ray
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    outcomes = config.stash.get(OUTCOMES, [])
+    if not outcomes:
+        return
+    from zcbench.suites import controls
+    from zcbench.suites.registry import all_checks
+
+    by_check: dict[str, list[str]] = {}
+    for check_id, _, status in outcomes:
+        by_check.setdefault(check_id, []).append(status)
+    proven = [c for c, statuses in by_check.items() if len(statuses) == len(controls.controls_of(c)) and set(statuses) == {"fail"}]
+    lacking = [c.id for c in all_checks() if c.missing_hardware()]
+    caught = sum(1 for _, _, status in outcomes if status == "fail")
+    terminalreporter.write_sep("=", "zcbench negative controls")
+    terminalreporter.line(
+        f"{len(proven)} of {len(by_check)} checks run failed every one of their controls "
+        f"({caught} of {len(outcomes)} controls caught)"
+        + (f"; {len(lacking)} checks need hardware this machine lacks ({', '.join(lacking)}): "
+           "their controls run in results/gpu/run_gpu_check.sh" if lacking else "")
+    )

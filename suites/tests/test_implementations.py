@@ -1,4 +1,4 @@
-"""The shipped adapters and the negative-control mutants: contract, real loading, real defects.
+"""The shipped adapters: contract, real loading, and the defects their docstrings declare.
 
 Every physical claim is checked inside real Ray actors (weights > 100 KiB), against
 what the probes read from /proc, never against what an implementation says.
@@ -15,12 +15,12 @@ import ray
 import torch
 from ray import cloudpickle
 
-from zcbench.suites import actors, probes
-from zcbench.suites.cases import MIXED, blob_case
-from zcbench.suites.compare import assert_same
+from zcbench.suites import hosts, probes
 from zcbench.suites.contract import REGISTRY, Capabilities, Implementation, load_implementation, release
+from zcbench.suites.controls import MUTANTS
+from zcbench.suites.equality import assert_same
 from zcbench.suites.implementations.ray_builtin import ENV_VAR, driver_enabled
-from zcbench.suites.mutants import _LEAKED, MUTANTS
+from zcbench.suites.models import MIXED, blob_case
 
 # The helpers below run inside actors, which cannot import this test module by name.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -66,26 +66,13 @@ def _assert_mixed_outputs(actor) -> None:
     """The actor's loaded MIXED model computes bit-identical outputs to a fresh original."""
     inputs = MIXED.inputs()
     expected = MIXED.run(MIXED.build(), inputs)
-    assert_same(ray.get(actor.apply.remote(_run_mixed, inputs)), expected)
+    assert_same(ray.get(actor.apply(_run_mixed, inputs)), expected)
 
 
 def _file_backed(model, path: str) -> dict:
     """Bytes of the model's tensors lying in a mapping of ``path`` vs. total."""
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if path in line:
-                lo, hi = line.split()[0].split("-")
-                ranges.append((int(lo, 16), int(hi, 16)))
-    seen, inside, total = set(), 0, 0
-    for _, t in probes.named_tensors(model):
-        s = t.untyped_storage()
-        if s.data_ptr() in seen:
-            continue
-        seen.add(s.data_ptr())
-        total += s.nbytes()
-        inside += s.nbytes() if any(lo <= s.data_ptr() < hi for lo, hi in ranges) else 0
-    return {"inside": inside, "total": total}
+    backing = probes.backing_files(model)
+    return {"inside": sum(v for k, v in backing.items() if path in k), "total": sum(backing.values())}
 
 
 @ray.remote(num_cpus=0.01, runtime_env={"env_vars": {ENV_VAR: "1"}})
@@ -99,14 +86,14 @@ class _BuiltinDriver:
 
 @pytest.fixture
 def pool():
-    """Collects actors to kill after the test."""
+    """Collects loaded models whose hosts are given back after the test."""
     started: list = []
     yield started
-    actors.kill(started)
+    hosts.release(started)
 
 
 def _spawn(pool, impl, wrapped, count=1):
-    got = actors.spawn(impl, wrapped, count)
+    got = hosts.load(impl, wrapped, count)
     pool.extend(got)
     return got
 
@@ -117,7 +104,7 @@ ORIGINAL_BUFFERS = sorted(n for n, _ in MIXED.build().named_buffers())
 # ---- contract ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [REGISTRY[n] for n in ADAPTERS] + [m.spec for m in MUTANTS.values()])
+@pytest.mark.parametrize("spec", [REGISTRY[n] for n in ADAPTERS] + list(MUTANTS.values()))
 def test_follows_contract(spec):
     impl = load_implementation(spec)
     assert isinstance(impl, Implementation)
@@ -138,13 +125,6 @@ def test_adapter_names_and_versions_are_honest():
     assert [n for n, i in impls.items() if i.capabilities.task_mode] == ["ray-zerocopy"]
 
 
-def test_mutant_table_names_match_classes():
-    for name, mutant in MUTANTS.items():
-        impl = load_implementation(mutant.spec)
-        assert impl.name == name
-        assert mutant.breaks in impl.__doc__ and mutant.breaks in {"zero_copy", "fidelity", "lifetime", "isolation"}
-
-
 # ---- adapters on the MIXED model in real actors ---------------------------------
 
 
@@ -153,9 +133,9 @@ def test_naive_loads_exact_private_copies(ray_session, pool):
     wrapped = impl.wrap(MIXED.build())
     (a,) = _spawn(pool, impl, wrapped)
     _assert_mixed_outputs(a)
-    res = ray.get(a.residency.remote(100 * KiB))
+    res = ray.get(a.residency(100 * KiB))
     assert res["bytes_total"] > 4 * 2**20 and res["bytes_in_store"] == 0
-    assert ray.get(a.apply.remote(_layout)) == {
+    assert ray.get(a.apply(_layout)) == {
         "tied_same_object": True,
         "tied_same_bytes": True,
         "block_dtype": "torch.bfloat16",
@@ -171,18 +151,18 @@ def test_torch_mmap_maps_the_checkpoint_and_keeps_fidelity(ray_session, pool):
     try:
         (a,) = _spawn(pool, impl, wrapped)
         _assert_mixed_outputs(a)
-        layout = ray.get(a.apply.remote(_layout))
+        layout = ray.get(a.apply(_layout))
         assert layout["tied_same_object"] and layout["conv_channels_last"] and layout["proj_t_stride"] == (1, 256)
         assert layout["block_dtype"] == "torch.bfloat16" and layout["buffers"] == ORIGINAL_BUFFERS
         # Every byte is a page of the checkpoint file, none is in the object store.
-        backed = ray.get(a.apply.remote(_file_backed, wrapped.path))
+        backed = ray.get(a.apply(_file_backed, wrapped.path))
         assert backed["inside"] == backed["total"] > 4 * 2**20
-        assert ray.get(a.residency.remote(100 * KiB))["bytes_in_store"] == 0
+        assert ray.get(a.residency(100 * KiB))["bytes_in_store"] == 0
         # MAP_PRIVATE: a write stays with the writer.
         (b,) = _spawn(pool, impl, wrapped)
-        before = ray.get(b.apply.remote(_first_weight))
-        assert ray.get(a.apply.remote(_write_first_weight)) == 1234.5
-        assert ray.get(b.apply.remote(_first_weight)) == before != 1234.5
+        before = ray.get(b.apply(_first_weight))
+        assert ray.get(a.apply(_write_first_weight)) == 1234.5
+        assert ray.get(b.apply(_first_weight)) == before != 1234.5
     finally:
         release(impl, wrapped)
     assert not os.path.exists(wrapped.path)
@@ -207,13 +187,13 @@ def test_ray_zerocopy_unties_weights_and_shares_writes(ray_session, pool):
     impl = load_implementation("ray-zerocopy")
     wrapped = impl.wrap(_float_mixed(), "actor")
     a, b = _spawn(pool, impl, wrapped, 2)
-    layout = ray.get(a.apply.remote(_layout))
+    layout = ray.get(a.apply(_layout))
     assert not layout["tied_same_object"] and not layout["tied_same_bytes"]
     assert layout["buffers"] == ORIGINAL_BUFFERS
-    res = ray.get(a.residency.remote(100 * KiB))
+    res = ray.get(a.residency(100 * KiB))
     assert res["outside"] == [], res  # zero-copy holds for what it stores
-    ray.get(a.apply.remote(_write_first_weight))
-    assert ray.get(b.apply.remote(_first_weight)) == 1234.5  # write_policy "shared", as declared
+    ray.get(a.apply(_write_first_weight))
+    assert ray.get(b.apply(_first_weight)) == 1234.5  # write_policy "shared", as declared
 
 
 def test_ray_zerocopy_task_mode_runs_remotely(ray_session):
@@ -234,85 +214,23 @@ def test_ray_builtin_needs_the_variable_in_the_driver(ray_session):
 
 def test_ray_builtin_is_zero_copy_but_loses_layout_and_shares_writes(ray_session, pool):
     impl = load_implementation("ray-builtin")
-    driver = _BuiltinDriver.remote()
-    pool.append(driver)
-    (wrapped,) = ray.get(driver.wrap.remote(MIXED.build))
-    a, b = _spawn(pool, impl, wrapped, 2)
-    _assert_mixed_outputs(a)
-    res = ray.get(a.residency.remote(100 * KiB))
-    assert res["outside"] == [] and res["bytes_in_store"] > 4 * 2**20, res
-    layout = ray.get(a.apply.remote(_layout))
-    assert layout["tied_same_object"] and layout["block_dtype"] == "torch.bfloat16"
-    assert layout["buffers"] == ORIGINAL_BUFFERS
-    # Known defects: strided layouts are made contiguous before the put.
-    assert not layout["conv_channels_last"] and layout["proj_t_stride"] == (256, 1)
-    ray.get(a.apply.remote(_write_first_weight))
-    assert ray.get(b.apply.remote(_first_weight)) == 1234.5
-
-
-# ---- mutants really are broken ----------------------------------------------------
-
-
-def _mutant(name):
-    return load_implementation(MUTANTS[name].spec)
-
-
-def test_copies_on_load_is_outside_the_store(ray_session, pool):
-    ref_impl, impl = load_implementation("reference"), _mutant("mutant-copies-on-load")
-    model = MIXED.build()
-    (good,) = _spawn(pool, ref_impl, ref_impl.wrap(model))
-    (bad,) = _spawn(pool, impl, impl.wrap(model))
-    assert ray.get(good.residency.remote(100 * KiB))["fraction_in_store"] == 1.0
-    res = ray.get(bad.residency.remote(100 * KiB))
-    assert res["bytes_total"] > 4 * 2**20 and res["bytes_in_store"] == 0
-    _assert_mixed_outputs(bad)  # only zero-copy is broken
-
-
-def test_fidelity_mutants_break_what_they_claim(ray_session, pool):
-    model = MIXED.build()
-    layouts = {}
-    for name in ("mutant-drops-buffer", "mutant-unties-weights", "mutant-upcasts-bf16", "mutant-loses-layout"):
-        impl = _mutant(name)
-        (a,) = _spawn(pool, impl, impl.wrap(model))
-        layouts[name] = ray.get(a.apply.remote(_layout))
-        # Everything still lies in the store: these mutants break fidelity, not zero-copy.
-        assert ray.get(a.residency.remote(100 * KiB))["fraction_in_store"] == 1.0, name
-    dropped = layouts["mutant-drops-buffer"]["buffers"]
-    assert len(dropped) == len(ORIGINAL_BUFFERS) - 1 and set(dropped) < set(ORIGINAL_BUFFERS)
-    assert not layouts["mutant-unties-weights"]["tied_same_object"]
-    assert not layouts["mutant-unties-weights"]["tied_same_bytes"]
-    assert layouts["mutant-upcasts-bf16"]["block_dtype"] == "torch.float32"
-    assert not layouts["mutant-loses-layout"]["conv_channels_last"]
-    assert layouts["mutant-loses-layout"]["proj_t_stride"] == (256, 1)
-    # The caller's model is untouched by the mutations made at wrap time.
-    assert model.block.weight.dtype == torch.bfloat16 and model.head.weight is model.embed.weight
-
-
-def test_writes_through_reaches_other_actors(ray_session, pool):
-    impl = _mutant("mutant-writes-through")
-    model = blob_case(8).build()
-    a, b = _spawn(pool, impl, impl.wrap(model), 2)
-    assert ray.get(a.residency.remote(100 * KiB))["fraction_in_store"] == 1.0
-    assert ray.get(b.apply.remote(_first_weight)) != 1234.5
-    ray.get(a.apply.remote(_write_first_weight))
-    assert ray.get(b.apply.remote(_first_weight)) == 1234.5  # the reference's own tests show it stays private
-
-
-def test_leaks_object_never_frees_the_store(ray_session):
-    size = 16 * 2**20
-    model = blob_case(16).build()
-    freed = {}
+    driver = _BuiltinDriver.remote()  # owns the stored object: killed last
     try:
-        for name in ("reference", "mutant-leaks-object"):
-            impl = load_implementation(name) if name == "reference" else _mutant(name)
-            before = probes.settled_store_bytes()
-            wrapped = impl.wrap(model)
-            stored = probes.store_bytes()
-            assert stored - before >= size, name
-            release(impl, wrapped)
-            del wrapped
-            # Frees are asynchronous: wait for this one (the leak waits in vain for the whole timeout).
-            freed[name] = stored - probes.wait_store_bytes(lambda v, stored=stored: stored - v >= size, timeout_s=20)
+        (wrapped,) = ray.get(driver.wrap.remote(MIXED.build))
+        a, b = _spawn(pool, impl, wrapped, 2)
+        _assert_mixed_outputs(a)
+        res = ray.get(a.residency(100 * KiB))
+        assert res["outside"] == [] and res["bytes_in_store"] > 4 * 2**20, res
+        layout = ray.get(a.apply(_layout))
+        assert layout["tied_same_object"] and layout["block_dtype"] == "torch.bfloat16"
+        assert layout["buffers"] == ORIGINAL_BUFFERS
+        # Known defects: strided layouts are made contiguous before the put.
+        assert not layout["conv_channels_last"] and layout["proj_t_stride"] == (256, 1)
+        ray.get(a.apply(_write_first_weight))
+        assert ray.get(b.apply(_first_weight)) == 1234.5
     finally:
-        _LEAKED.clear()
-    assert freed["reference"] >= size and freed["mutant-leaks-object"] < size // 2, freed
+        hosts.release(pool)
+        pool.clear()
+        ray.kill(driver)
+
+

@@ -12,9 +12,7 @@ import json
 
 import pytest
 
-from zcbench.suites import runner, xfails
-from zcbench.suites.contract import Capabilities
-from zcbench.suites.registry import Check, SkipCheck
+from zcbench.suites import xfails
 
 pytest_plugins = ["pytester"]
 
@@ -110,7 +108,7 @@ def test_undeclared_capability_skips_and_stale_entry_warns(fake_dir: pytest.Pyte
         [
             "zcbench implementation: nocpu *(fakeimpl:NoCpu)",
             "zcbench capabilities: cpu=False, cuda=False*",
-            "zcbench suite *; torch *, ray *, python *, hypothesis * profile *",
+            "zcbench suite * fingerprint *; torch *, ray *, python *, hypothesis * profile *",
             f"zcbench expected failures: {path}",
             "*zcbench warnings*",
             "expected failure 'no_such_property.check' in * matches no check",
@@ -128,7 +126,7 @@ def test_reference_passes_with_header(fake_dir: pytest.Pytester, address: str) -
     result.stdout.fnmatch_lines(
         [
             "zcbench implementation: reference * (zcbench.suites.implementations.reference:ReferenceImpl)",
-            "zcbench capabilities: cpu=True, cuda=False, task_mode=True*write_policy=cow*",
+            "zcbench capabilities: cpu=True, cuda=True, task_mode=True*write_policy=cow*",
             "*profile zcbench-thorough",
             "zcbench expected failures: none",
             f"PASSED*test_check?{CHECK}?",
@@ -156,52 +154,61 @@ def test_broken_impl_fails_and_xfails_when_expected(fake_dir: pytest.Pytester, a
     result.stdout.fnmatch_lines(["XFAIL*noisy perturbs its weights*"])
 
 
-# --- run_checks and the matrix ---------------------------------------------------
+# --- errors are errors ------------------------------------------------------------
+
+BROKEN_RAY = """
+import zcbench.suites.session as session
 
 
-def test_run_checks_records(ray_session) -> None:
-    (passed,) = runner.run_checks("reference", select=[CHECK])
-    assert (passed.check_id, passed.property, passed.status) == (CHECK, "outputs", "passed")
-    assert passed.duration_s > 0 and passed.traceback is None
-    assert set(passed.to_dict()) >= {"check_id", "property", "status", "reason", "duration_s", "observations", "traceback"}
-    json.dumps(passed.to_dict())
-
-    with pytest.warns(runner.StaleExpectedFailures, match="nope"):
-        (xpassed,) = runner.run_checks("reference", select=["outputs.mixed"], expected_failures={"outputs.": "x", "nope": "y"})
-    assert xpassed.status == "xpassed" and xpassed.expected_failure == "x"
-    (strict,) = runner.run_checks("reference", select=[CHECK], expected_failures={CHECK: "x"}, strict=True)
-    assert strict.status == "failed" and "[strict]" in strict.reason
+def _refuse(self):
+    raise RuntimeError("The current node timed out during startup")
 
 
-def test_execute_classifies_without_ray() -> None:
-    impl = runner.resolve("reference")
-
-    def boom(_impl):
-        assert 1 == 2, "weights differ\nsecond line"
-
-    def skip(_impl):
-        raise SkipCheck("not on this machine")
-
-    failed = runner.execute(Check("x.boom", boom), impl)
-    assert failed.status == "failed" and failed.reason == "weights differ" and "AssertionError" in failed.traceback
-    assert runner.execute(Check("x.boom", boom), impl, expected_reason="known").status == "xfailed"
-    skipped = runner.execute(Check("x.skip", skip), impl)
-    assert (skipped.status, skipped.reason) == ("skipped", "not on this machine")
-    gpu = runner.execute(Check("x.gpu", boom, requires=("cuda",)), impl)
-    assert (gpu.status, gpu.reason) == ("skipped", "capability cuda not declared by reference")
-    assert runner.header(impl)["capabilities"] == impl.capabilities.as_dict()
-    with pytest.raises(ValueError, match="matches no check"):
-        runner.select_checks(["no_such_property."])
+session.Session._start_once = _refuse
+session.START_ATTEMPTS = 1
+"""
 
 
-def test_driver_env_refused_after_ray_import(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray  # noqa: F401  (the point: ray is already imported)
+def test_ray_that_does_not_start_is_an_error_even_when_a_failure_is_expected(fake_dir: pytest.Pytester) -> None:
+    fake_dir.makeconftest(BROKEN_RAY)
+    path = xfails_file(fake_dir, f"{CHECK} # would absorb a failure, never an error\n")
+    result = run(fake_dir, "--zc-impl", "reference", "--zc-xfails", path, "--zc-select", CHECK)
+    result.assert_outcomes(errors=1, deselected=None)
+    result.stdout.fnmatch_lines(["*ERROR*test_check?outputs.mixed_model?*", "*Ray did not start*timed out during startup*"])
 
-    impl = runner.resolve("reference")
-    monkeypatch.setattr(impl, "capabilities", Capabilities(worker_env={"ZCBENCH_TEST_FLAG": "1"}))
-    monkeypatch.delenv("ZCBENCH_TEST_FLAG", raising=False)
-    with pytest.raises(runner.DriverEnvError, match="ZCBENCH_TEST_FLAG=1 .*zcbench conformance"):
-        runner.apply_driver_env(impl)
+
+# --- the matrix ----------------------------------------------------------------------
+
+
+def test_matrix_writes_json_and_markdown(tmp_path, address: str) -> None:
+    from zcbench.harness import conformance, schema
+    from zcbench.suites import executor, fingerprint
+
+    matrix = conformance.run_matrix(
+        ["reference", "fakeimpl:NoSuch"], tmp_path, select=[CHECK], timeout_s=600, ray_address=address
+    )
+    on_disk = schema.load(tmp_path / "matrix.json", kind="matrix")
+    assert on_disk == json.loads(json.dumps(matrix, default=str))
+    assert on_disk["suite_fingerprint"] == fingerprint.current() and on_disk["complete"]
+    ref = on_disk["implementations"]["reference"]
+    assert ref["status"] == "ok" and ref["header"]["implementation"] == "reference"
+    assert [r["check_id"] for r in ref["results"]] == [c.id for c in executor.select_checks([CHECK])]
+    assert ref["counts"]["pass"] == 1 and ref["provenance"]["retries"] == 0
+    broken = on_disk["implementations"]["fakeimpl:NoSuch"]
+    assert broken["status"] == "crashed" and "fakeimpl" in broken["reason"]
+    md = (tmp_path / "matrix.md").read_text()
+    assert "| check | reference | fakeimpl:NoSuch |" in md
+    assert f"| `{CHECK}` | pass | not run (crashed) |" in md
+    assert "**fakeimpl:NoSuch** ?: no checks" in md and "run CRASHED" in md
+    assert oct((tmp_path / "matrix.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_xfails_parsing() -> None:
@@ -214,24 +221,3 @@ def test_xfails_parsing() -> None:
     for bad, msg in [("a.b\n", "1: 'a.b' has no reason"), ("x # r\n\na b # r\n", "3: cannot read"), ("a # r\na # s\n", "listed twice")]:
         with pytest.raises(xfails.ExpectedFailuresError, match=msg):
             xfails.parse(bad)
-
-
-def test_matrix_writes_json_and_markdown(tmp_path, address: str) -> None:
-    from zcbench.harness import conformance
-
-    matrix = conformance.run_matrix(
-        ["reference", "fakeimpl:NoSuch"], tmp_path, select=[CHECK], timeout_s=600, ray_address=address
-    )
-    on_disk = json.loads((tmp_path / "matrix.json").read_text())
-    assert on_disk["schema_version"] == conformance.SCHEMA_VERSION == matrix["schema_version"]
-    assert on_disk["suite_version"] and on_disk["machine"]["cores_logical"] and on_disk["created"]
-    ref = on_disk["implementations"]["reference"]
-    assert ref["status"] == "ok" and ref["header"]["implementation"] == "reference"
-    assert [r["check_id"] for r in ref["results"]] == [c.id for c in runner.select_checks([CHECK])]
-    assert {r["status"] for r in ref["results"]} == {"passed"}
-    broken = on_disk["implementations"]["fakeimpl:NoSuch"]
-    assert broken["status"] == "crashed" and "fakeimpl" in broken["reason"]
-    md = (tmp_path / "matrix.md").read_text()
-    assert "| check | reference | fakeimpl:NoSuch |" in md
-    assert f"| `{CHECK}` | pass | crashed |" in md
-    assert "**fakeimpl:NoSuch**: CRASHED" in md

@@ -1,0 +1,54 @@
+"""Every check has a negative control, and every control fails its check the way the table says.
+
+Each control runs through the public executor (``run_checks``), in real Ray actors, so
+what is proven is exactly what a third party's run would see. Controls of checks that
+need hardware this machine lacks are skipped here and run by the prepared GPU check.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from zcbench.suites import controls, mutants
+from zcbench.suites.contract import load_implementation
+from zcbench.suites.executor import run_checks
+from zcbench.suites.registry import all_checks
+
+CHECKS = {c.id: c for c in all_checks()}
+PAIRS = [(cid, ctl) for cid in CHECKS for ctl in controls.controls_of(cid)]
+
+
+def test_every_check_has_a_control() -> None:
+    missing = sorted(cid for cid in CHECKS if not controls.controls_of(cid))
+    assert not missing, f"checks without a negative control in suites/controls.py: {missing}"
+    unknown = sorted(set(controls.CONTROLS) - set(CHECKS))
+    assert not unknown, f"controls for checks that do not exist: {unknown}"
+
+
+def test_every_control_names_a_mutant_that_follows_the_contract() -> None:
+    named = {ctl.mutant for ctls in controls.CONTROLS.values() for ctl in ctls}
+    assert named <= set(controls.MUTANTS), f"unknown mutants: {sorted(named - set(controls.MUTANTS))}"
+    for name, spec in controls.MUTANTS.items():
+        impl = load_implementation(spec)
+        assert impl.name == name and impl.spec == spec
+        assert impl.capabilities.cpu
+
+
+@pytest.mark.parametrize(("check_id", "control"), PAIRS, ids=[f"{c}-{ctl.mutant}" for c, ctl in PAIRS])
+def test_control_fails_its_check(ray_session, control_outcomes, check_id: str, control: controls.Control) -> None:
+    lacking = CHECKS[check_id].missing_hardware()
+    if lacking:
+        pytest.skip(f"needs CUDA ({lacking}): run by results/gpu/run_gpu_check.sh on a GPU")
+    try:
+        results = {r.check_id: r for r in run_checks(control.spec, select=[check_id])}
+    finally:
+        mutants._LEAKED.clear()  # what a leaking mutant kept in this driver
+    result = results[check_id]
+    control_outcomes.append((check_id, control.mutant, result.status))
+    assert result.status == "fail", f"{control.mutant} was not caught by {check_id}: {result.status}: {result.reason}"
+    assert re.search(control.reason, result.reason), (
+        f"{check_id} failed {control.mutant} for another reason than expected ({control.reason!r}): {result.reason}"
+    )
+    assert "\n" not in result.reason and "\x1b" not in result.reason and len(result.reason) <= 200
