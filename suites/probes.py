@@ -217,10 +217,10 @@ class MemorySplit:
     """One process's memory split the way a pool total needs it.
 
     ``private``: anonymous memory only this process has (heap, a private copy of the
-    weights, pages a copy-on-write mapping copied on write). ``files``: resident clean pages
-    of each file-backed mapping (the object store's shared-memory file, a checkpoint mapped by
-    torch.load(mmap=True) or safetensors, shared libraries), keyed by ``device:inode``, whether
-    or not another process maps them right now.
+    weights, pages a copy-on-write mapping copied on write). ``files``: resident pages of
+    each file-backed mapping that are the file's own (the object store's shared-memory file,
+    a checkpoint mapped by torch.load(mmap=True) or safetensors, shared libraries), keyed by
+    ``device:inode``, whether or not another process maps them right now.
     """
 
     private: int
@@ -238,12 +238,15 @@ def memory_split(pid: int | None = None) -> MemorySplit:
 
     def flush() -> None:
         nonlocal private
-        dirty = fields.get("Private_Dirty:", 0)
         if key is None:  # anonymous: everything private to this process
-            private += fields.get("Private_Clean:", 0) + dirty
-        else:  # file-backed: its written (copied) pages are private, the rest are the file's
-            private += dirty
-            files[key] = files.get(key, 0) + fields.get("Rss:", 0) - dirty
+            private += fields.get("Private_Clean:", 0) + fields.get("Private_Dirty:", 0)
+        else:
+            # A file mapping's anonymous pages are what a copy-on-write mapping copied on write;
+            # the rest are the file's own pages. (Private_Dirty would be wrong: a store page
+            # only this process maps right now is "private" to smaps, yet lives in the store.)
+            copied = fields.get("Anonymous:", 0)
+            private += copied
+            files[key] = files.get(key, 0) + fields.get("Rss:", 0) - copied
 
     with open(f"/proc/{pid}/smaps") as smaps:
         for line in smaps:
@@ -253,7 +256,7 @@ def memory_split(pid: int | None = None) -> MemorySplit:
                 parts = line.split()
                 key = f"{parts[3]}:{parts[4]}" if len(parts) > 5 and parts[4] != "0" else None
                 fields = {}
-            elif first in ("Rss:", "Private_Clean:", "Private_Dirty:"):
+            elif first in ("Rss:", "Private_Clean:", "Private_Dirty:", "Anonymous:"):
                 fields[first] = int(line.split()[1]) * 1024
     flush()
     return MemorySplit(private, {k: v for k, v in files.items() if v})

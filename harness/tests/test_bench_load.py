@@ -13,7 +13,9 @@ from zcbench.suites import models
 
 
 def _pytest(*args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **env}
+    # Not an xdist worker's environment: pytest-benchmark turns itself off under xdist.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    full_env = {**inherited, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **env}
     cmd = [sys.executable, "-m", "pytest", "--pyargs", "zcbench.harness.bench_load", "-p", "no:cacheprovider", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd="/")
 

@@ -17,13 +17,19 @@ from zcbench.suites import pipeline, probes
 KiB, MiB = 1024, 2**20
 
 
-def smaps(*mappings: tuple[str, str, int, int, int]) -> str:
-    """smaps text, one mapping per (path, inode, Rss kB, Private_Clean kB, Private_Dirty kB)."""
+def smaps(*mappings: tuple) -> str:
+    """smaps text, one mapping per (path, inode, Rss kB, Private_Clean kB, Private_Dirty kB[, Anonymous kB]).
+
+    Anonymous defaults to Private_Dirty for an anonymous mapping and to 0 for a file mapping
+    (its pages are the file's unless a copy-on-write copied them).
+    """
     out = []
-    for i, (path, inode, rss, clean, dirty) in enumerate(mappings):
+    for i, (path, inode, rss, clean, dirty, *anon) in enumerate(mappings):
         lo = 0x7F0000000000 + i * 0x10000000
+        anonymous = anon[0] if anon else (dirty if inode == "0" else 0)
         out.append(f"{lo:x}-{lo + 0x1000000:x} r--s 00000000 00:2f {inode}    {path}")
-        out += [f"Rss: {rss} kB", f"Shared_Clean: {rss - clean - dirty} kB", f"Private_Clean: {clean} kB", f"Private_Dirty: {dirty} kB"]
+        out += [f"Rss: {rss} kB", f"Shared_Clean: {rss - clean - dirty} kB", f"Private_Clean: {clean} kB",
+                f"Private_Dirty: {dirty} kB", f"Anonymous: {anonymous} kB"]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -86,9 +92,18 @@ def test_copy_on_write_pages_are_private(fake_proc):
     """A write into a copy-on-write mapping of the store copies those pages: they count for the writer alone."""
     empty = [split(fake_proc, pid, smaps(LIBTORCH, HEAP)) for pid in (1, 2)]
     reader = split(fake_proc, 1, smaps(LIBTORCH, ("/dev/shm/plasma (deleted)", "202", 256 * KiB, 0, 0), HEAP))
-    writer = split(fake_proc, 2, smaps(LIBTORCH, ("/dev/shm/plasma (deleted)", "202", 256 * KiB, 0, 16 * KiB), HEAP))
+    writer = split(fake_proc, 2, smaps(LIBTORCH, ("/dev/shm/plasma (deleted)", "202", 256 * KiB, 0, 16 * KiB, 16 * KiB), HEAP))
     assert writer["private"] == (230 + 16) * MiB and writer["files"]["00:2f:202"] == 240 * MiB
     assert poolmem.pool_memory(empty, [reader, writer], 256 * MiB)["model_cost_bytes"] == (256 + 16) * MiB
+
+
+def test_store_pages_one_actor_alone_maps_are_the_stores(fake_proc):
+    """One actor per node: smaps calls its store pages "private dirty" (no other process maps them), yet they
+    are the store's shared memory, not a copy: only anonymous (copied) pages are private."""
+    empty = [split(fake_proc, 1, smaps(LIBTORCH, HEAP))]
+    alone = split(fake_proc, 1, smaps(LIBTORCH, ("/dev/shm/plasma (deleted)", "202", 256 * KiB, 0, 256 * KiB, 0), HEAP))
+    assert alone["private"] == 230 * MiB and alone["files"]["00:2f:202"] == 256 * MiB
+    assert poolmem.pool_memory(empty, [alone], 256 * MiB)["model_copies"] == pytest.approx(1.0)
 
 
 def _memory(uss: int, split_: dict) -> dict:
