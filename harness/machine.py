@@ -71,7 +71,10 @@ def versions(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """HEAD's sha and whether the tree has uncommitted changes (read-only git calls)."""
+    """HEAD's sha and whether the code has uncommitted changes (read-only git calls).
+
+    ``results/`` is left out: a run that writes its results there must not call its own tree dirty.
+    """
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
@@ -79,5 +82,5 @@ def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
             return None
 
     sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"sha": sha, "dirty": None if status is None else bool(status)}
