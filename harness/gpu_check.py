@@ -43,6 +43,7 @@ import ray
 import torch
 from torch import nn
 
+from zcbench.suites.checks.gpu import classify_write, judge_write
 from zcbench.suites.contract import load_implementation, release
 
 MiB = 2**20
@@ -295,21 +296,9 @@ def outputs_problem(differences: list[str | None], ties_kept: list[bool] | None 
     return None
 
 
-def classify_write(writer_error: str | None, writer_changed: bool, other_changed: bool) -> str:
-    """What an in-place write did: ``shared`` (others see it), ``raise``, ``private`` (only the writer), or ``ignored``."""
-    if other_changed:
-        return "shared"
-    if writer_error is not None:
-        return "raise"
-    return "private" if writer_changed else "ignored"
+#: The check's own judgement of a write, so the benchmark and the gpu.isolation check cannot disagree.
+write_problem = judge_write
 
-
-def write_problem(declared: str, observed: str) -> str | None:
-    """None when the observed write behaviour is what the declared policy promises."""
-    allowed = {"raise": {"raise"}, "cow": {"private"}, "copy": {"private"}, "shared": {"shared"}}
-    if observed in allowed.get(declared, {"raise", "private"}):
-        return None
-    return f"an in-place write behaved as {observed!r}, declared {declared!r}"
 
 
 def model_lost_problem(outcome: Mapping[str, Any], within_s: float = LOST_TIMEOUT_S) -> str | None:

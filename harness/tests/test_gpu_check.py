@@ -85,7 +85,7 @@ def test_write_classification(error, writer, other, observed):
 def test_write_policy_judgement():
     assert gc.write_problem("shared", "shared") is None  # the reference on a GPU: declared, so it passes
     assert gc.write_problem("cow", "private") is None and gc.write_problem("copy", "private") is None
-    assert "declared 'cow'" in gc.write_problem("cow", "shared")
+    assert "declared write_policy 'cow'" in gc.write_problem("cow", "shared")
     assert gc.write_problem("unknown", "shared") is not None
 
 
