@@ -28,7 +28,7 @@ import ray
 from zcbench.suites import models, pipeline, probes
 from zcbench.suites.contract import Implementation, release
 
-from . import steady
+from . import inactor, steady
 from .floor import metadata_floor_s
 from .matrix import resolve_model
 from .metrics import NODE_METRIC_PREFIX
@@ -152,6 +152,8 @@ def measure(impl: Implementation, params: dict[str, Any], job: Job, workdir: Pat
     try:
         run = pipeline.run(impl, wrapped, data, pool=pool, batch=batch, device=device, out_dir=workdir, blocks=job.files)
         nodes_after = probes.store_bytes_by_node()
+        if device == "cpu" and inactor.imports_model_code(original):
+            m["load_imported_s"] = inactor.load_with_code_imported_s(impl, wrapped)
     finally:
         release(impl, wrapped)
         del wrapped  # the last reference in the driver: the stores can free the model once the pool is gone

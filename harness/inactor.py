@@ -20,3 +20,38 @@ def timed_forward(model: Any, method: str, inputs: tuple) -> float:
     with torch.no_grad():
         getattr(model, method)(*inputs)
     return time.perf_counter() - start
+
+
+def imports_model_code(model: Any) -> bool:
+    """True when a module class of ``model`` lives outside torch: its first load in a process imports that code."""
+    from torch import nn
+
+    return isinstance(model, nn.Module) and any(not type(m).__module__.startswith("torch.") for m in model.modules())
+
+
+def load_with_code_imported_s(impl: Any, wrapped: Any, rounds: int = 2) -> float:
+    """Median seconds of a load in a fresh actor that has already imported the model's code.
+
+    A fresh actor's first load of a transformers model spends seconds importing
+    transformers (whatever the implementation); what a zero-copy load saves is the rest.
+    Each round loads once in a fresh actor (the import), drops it, and times a second
+    load in the same process.
+    """
+    import statistics
+
+    import ray
+    from zcbench.suites import hosts
+
+    times = []
+    for i in range(rounds):
+        [first] = hosts.load(impl, wrapped, 1, fresh=True)
+        try:
+            ray.get(first.host.handle.drop.remote(first.key, measure=False))
+            first.host.keys.discard(first.key)
+            key = f"{first.key}-again{i}"
+            report = ray.get(first.host.handle.load.remote(key, impl.spec, [wrapped], "cpu", measure=False))
+            first.host.keys.add(key)
+            times.append(report["load_s"])
+        finally:
+            hosts.release([first])
+    return statistics.median(times)

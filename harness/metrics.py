@@ -34,6 +34,7 @@ METRICS: dict[str, Metric] = {
     "load_cold_s": Metric("s", "lower", "the first load on the driver's node"),
     "load_cold_remote_s": Metric("s", "lower", "median of the first load on each other node (multi-node only)"),
     "load_warm_s": Metric("s", "lower", "median of the pool's other loads"),
+    "load_imported_s": Metric("s", "lower", "load in a fresh actor that already imported the model's code (its second load), for models whose classes live outside torch"),
     "in_store_fraction": Metric("x", "none", "smallest fraction of weight bytes lying in the object store, over the pool"),
     # Memory of one actor
     "empty_uss_bytes": Metric("B", "lower", "median private memory (USS) of a pool actor before any weight"),
