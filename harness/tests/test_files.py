@@ -15,7 +15,9 @@ from zcbench.harness.progress import Progress
 from zcbench.harness.stale import current_fingerprint, stale_reason
 
 REPO = Path(__file__).resolve().parents[2]
-COMMITTED = sorted((REPO / "results" / "bench").rglob("*.json"))
+COMMITTED = sorted(p for p in (REPO / "results" / "bench").rglob("*.json") if p.parent.name != "load-bench")
+#: pytest-benchmark's own JSON (``--benchmark-json``), one file per implementation.
+LOAD_BENCH = sorted((REPO / "results" / "bench" / "load-bench").glob("*.json"))
 
 
 def test_new_results_record_the_current_fingerprint(tmp_path):
@@ -52,6 +54,18 @@ def test_old_files_without_a_fingerprint_stay_readable_and_are_stale(tmp_path):
 def test_committed_results_are_valid(path):
     doc = schema.load(path)
     assert doc["cells"]
+
+
+@pytest.mark.parametrize("path", LOAD_BENCH, ids=lambda p: p.name)
+def test_committed_load_benchmarks_are_pytest_benchmark_files_timed_in_actors(path):
+    doc = json.loads(path.read_text())
+    names = {b["name"].split("[")[0] for b in doc["benchmarks"]}
+    assert names == {"test_load", "test_first_forward", "test_second_forward", "test_metadata_floor"}
+    impl = path.stem
+    for b in doc["benchmarks"]:
+        if b["extra_info"]["measure"] != "metadata floor":
+            assert b["extra_info"]["implementation"] == impl and "inside a fresh Ray actor" in b["extra_info"]["timing"]
+            assert b["stats"]["rounds"] >= 3 and b["stats"]["median"] > 0
 
 
 def test_result_and_report_files_are_readable_by_others(tmp_path):
