@@ -20,6 +20,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     from zcbench.suites import controls
     from zcbench.suites.registry import all_checks
 
+    retried = [f"{c} / {m}" for c, m, status in outcomes if status == "retried"]
+    outcomes = [o for o in outcomes if o[2] != "retried"]
     by_check: dict[str, list[str]] = {}
     for check_id, _, status in outcomes:
         by_check.setdefault(check_id, []).append(status)
@@ -32,4 +34,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         f"({caught} of {len(outcomes)} controls caught)"
         + (f"; {len(lacking)} checks need hardware this machine lacks ({', '.join(lacking)}): "
            "their controls run in results/gpu/run_gpu_check.sh" if lacking else "")
+        + (f"; caught only on a second run: {', '.join(retried)}" if retried else "")
     )
