@@ -10,6 +10,11 @@ checks already judged. ``matrix.json`` (schema ``harness/matrix.schema.json``) a
 matrix marked incomplete, never a stitched one::
 
     zcbench conformance --impl reference --impl naive --out results/conformance
+
+``--jobs 2`` runs two implementations at a time, each in its own process and its own
+private Ray cluster (nothing is shared: object stores, raylets, probe actors). A check's
+work is mostly waiting on Ray (a one-implementation run keeps two cores about 35 % busy),
+so two at a time take little longer than one.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ def counts(results: list[dict[str, Any]]) -> dict[str, int]:
     return {s: c.get(s, 0) for s in STATUSES}
 
 
+#: Children still running: an interrupted matrix kills them all (their own sessions get no Ctrl-C).
+_LIVE: set[_Child] = set()
+
+
 class _Child:
     """One implementation's subprocess: its verdicts arrive as JSON lines on stdout while it runs."""
 
@@ -66,6 +75,7 @@ class _Child:
         # Own session, so a time-out kills the run's Ray processes too.
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
         self.stderr: list[str] = []
+        _LIVE.add(self)
         threading.Thread(target=self._read, args=(self.proc.stdout, on_line), daemon=True).start()
         threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
 
@@ -77,10 +87,12 @@ class _Child:
     def wait(self, timeout_s: float) -> int | None:
         """Exit status, or None after killing it at the time-out."""
         try:
-            return self.proc.wait(timeout=timeout_s)
+            rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
             return None
+        _LIVE.discard(self)
+        return rc
 
     def kill(self) -> None:
         try:
@@ -88,6 +100,7 @@ class _Child:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        _LIVE.discard(self)
 
 
 def run_one(
@@ -185,10 +198,16 @@ def run_matrix(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     ray_address: str | None = None,
     command: list[str] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run every implementation, writing ``matrix.json`` and ``matrix.md`` under ``out_dir`` after each; return the matrix."""
+    """Run every implementation, ``jobs`` at a time, writing ``matrix.json`` and ``matrix.md`` under ``out_dir``
+    after each; return the matrix (its columns in the order of ``impls``, however they finished)."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is not one of {sorted(PROFILES)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    if jobs > 1 and ray_address:
+        raise ValueError("jobs > 1 needs a private cluster per implementation; --ray-address attaches them all to one")
     from zcbench.suites.executor import _version
 
     out_dir = Path(out_dir)
@@ -207,17 +226,32 @@ def run_matrix(
         "implementations": {},
     }
     per_impl = _expected_checks(select)
-    with Progress("conformance", total=per_impl * len(impls)) as bar:
-        try:
-            for name in impls:
-                matrix["implementations"][name] = run_one(
-                    name, select=select, profile=profile, expected_failures=(expected_failures or {}).get(name),
-                    timeout_s=timeout_s, ray_address=ray_address, progress=bar,
-                )  # fmt: skip
-                write(matrix, out_dir)
-        except KeyboardInterrupt:
+    columns: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+
+    def one(name: str) -> None:
+        column = run_one(name, select=select, profile=profile, expected_failures=(expected_failures or {}).get(name),
+                         timeout_s=timeout_s, ray_address=ray_address, progress=bar)  # fmt: skip
+        with lock:
+            columns[name] = column
+            matrix["implementations"] = {n: columns[n] for n in impls if n in columns}
             write(matrix, out_dir)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Progress("conformance", total=per_impl * len(impls)) as bar:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            for f in [pool.submit(one, name) for name in impls]:
+                f.result()
+        except BaseException:  # Ctrl-C or a kill -TERM: what was judged is saved, the children end with us
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in list(_LIVE):
+                child.kill()
+            with lock:
+                write(matrix, out_dir)
             raise
+        pool.shutdown()
     matrix["finished"] = _now()
     matrix["complete"] = list(matrix["implementations"]) == list(impls)
     write(matrix, out_dir)
@@ -324,6 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="ci", help="hypothesis profile")
     parser.add_argument("--xfails", action="append", metavar="IMPL=FILE", help="expected failures for one implementation")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per implementation")
+    parser.add_argument("--jobs", type=int, default=1, help="implementations run at a time, each with its own private Ray cluster")
     parser.add_argument("--ray-address", metavar="ADDRESS", help="attach every run to this Ray cluster (default: a private one each)")
     parser.add_argument("--one", metavar="NAME_OR_SPEC", help=argparse.SUPPRESS)  # the per-implementation subprocess
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -375,7 +410,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("name at least one implementation with --impl")
     matrix = run_matrix(
         args.impl, args.out, select=args.select, profile=args.profile, expected_failures=_xfails_arg(args.xfails),
-        timeout_s=args.timeout, ray_address=args.ray_address, command=["zcbench", *sys.argv[1:]],
+        timeout_s=args.timeout, ray_address=args.ray_address, command=["zcbench", *sys.argv[1:]], jobs=args.jobs,
     )  # fmt: skip
     for col in matrix["implementations"].values():
         print(headline(col).replace("**", ""))

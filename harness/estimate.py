@@ -68,8 +68,18 @@ def run_seconds(settings: Settings, processes: int = 1, cells: list[dict] | None
     return cpu / BUSY_CORES
 
 
-#: One implementation's conformance run (CI profile) on this machine class, in seconds.
-CONFORMANCE_S = 150.0
+#: One implementation's conformance run (CI profile) on this machine class, in seconds (measured 170-200 s).
+CONFORMANCE_S = 185.0
+#: Two runs at a time take this much longer than one: both are CPU-bound (measured 327 s for two against 201 s).
+CONCURRENT_SLOWDOWN = 1.65
+
+
+def conformance_seconds(impls: int, jobs: int = 1) -> float:
+    """Expected wall time of conformance runs of ``impls`` implementations, ``jobs`` at a time."""
+    if impls <= 0:
+        return 0.0
+    jobs = max(1, min(jobs, impls))
+    return CONFORMANCE_S * math.ceil(impls / jobs) * (CONCURRENT_SLOWDOWN if jobs > 1 else 1.0)
 
 
 def clock(seconds: float) -> str:

@@ -22,11 +22,16 @@ def timed_forward(model: Any, method: str, inputs: tuple) -> float:
     return time.perf_counter() - start
 
 
+#: Packages every pool actor has imported before it loads (torch, and zcbench's pipeline with its model zoo).
+PRELOADED = ("torch.", "zcbench.")
+
+
 def imports_model_code(model: Any) -> bool:
-    """True when a module class of ``model`` lives outside torch: its first load in a process imports that code."""
+    """True when a module class of ``model`` lives outside what a pool actor already imported (transformers, a user's
+    package): its first load in a process imports that code, which :func:`load_with_code_imported_s` then leaves out."""
     from torch import nn
 
-    return isinstance(model, nn.Module) and any(not type(m).__module__.startswith("torch.") for m in model.modules())
+    return isinstance(model, nn.Module) and any(not type(m).__module__.startswith(PRELOADED) for m in model.modules())
 
 
 def load_with_code_imported_s(impl: Any, wrapped: Any, rounds: int = 2) -> float:

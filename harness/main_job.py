@@ -25,6 +25,9 @@ from . import matrix
 #: Implementations whose conformance the main job records.
 CONFORMANCE_IMPLS = ("reference", "naive")
 CONFORMANCE_TIMEOUT_S = 2400.0
+#: Conformance runs at a time (each its own private cluster): 327 s for reference and naive together on this
+#: 2-core machine class, against 391 s one after the other (both runs CPU-bound: ~300 CPU-s each).
+CONFORMANCE_JOBS = 2
 
 
 @dataclass
@@ -53,16 +56,22 @@ def expected_seconds(s: JobSettings, b: matrix.Settings) -> float:
     """The job's expected duration on an idle 2-core machine: conformance runs plus the benchmark's estimate."""
     from . import estimate
 
-    conf = estimate.CONFORMANCE_S * len(s.conformance_impls) if s.conformance else 0.0
+    conf = estimate.conformance_seconds(len(s.conformance_impls), conformance_jobs(s)) if s.conformance else 0.0
     envs = 2 if any(i == "ray-builtin" for i in b.impls) else 1  # ray-builtin needs a driver of its own
     return conf + (estimate.run_seconds(b, envs) if s.benchmark else 0.0)
+
+
+def conformance_jobs(s: JobSettings) -> int:
+    """Implementations checked at a time: one on a shared cluster (``ray_address``), else :data:`CONFORMANCE_JOBS`."""
+    return 1 if s.ray_address else min(CONFORMANCE_JOBS, max(1, len(s.conformance_impls)))
 
 
 def _conformance(s: JobSettings) -> tuple[int, list[str]]:
     from . import conformance
 
     result = conformance.run_matrix(list(s.conformance_impls), s.out / "conformance", ray_address=s.ray_address,
-                                    timeout_s=CONFORMANCE_TIMEOUT_S, command=["zcbench", "main"])  # fmt: skip
+                                    timeout_s=CONFORMANCE_TIMEOUT_S, command=["zcbench", "main"],
+                                    jobs=conformance_jobs(s))  # fmt: skip
     lines = ["## Conformance (CI profile)", ""] + [f"- {conformance.headline(r)}" for r in result["implementations"].values()]
     ref = result["implementations"].get("reference")
     rc = 0 if ref is not None and ref["status"] == "ok" and not any(r["status"] == "failed" for r in ref["results"]) else 1

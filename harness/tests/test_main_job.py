@@ -22,6 +22,7 @@ def fakes(monkeypatch, tmp_path):
 
     def run_matrix(impls, out_dir, **kw):
         seen["conformance"].append((list(impls), out_dir))
+        seen["jobs"] = kw.get("jobs", 1)
         seen["printed_before_conformance"] = stream.getvalue()
         cols = {n: {"implementation": n, "status": "ok", "results": [{"status": "pass"}]} for n in impls}
         return {"implementations": cols}
@@ -47,6 +48,7 @@ def test_quick_profile_runs_conformance_then_the_headline_benchmark(fakes, tmp_p
     rc = main_job.main_job(main_job.JobSettings(out=out), installed=["reference", "naive", "torch-mmap"], stream=fakes["stream"])
     assert rc == 0
     assert fakes["conformance"] == [(["reference", "naive"], out / "conformance")]
+    assert fakes["jobs"] == 2  # two private clusters at a time
     doc = schema.load(out / "bench" / "results.json")
     s = doc["settings"]
     assert s["quick"] and s["impls"] == ["reference", "naive", "torch-mmap"] and s["models"] == [matrix.QUICK_MODEL]
@@ -93,3 +95,14 @@ def test_cli_main_builds_the_settings_and_main_job_does_not_import_cli(monkeypat
     tree = ast.parse(inspect.getsource(main_job))
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert "cli" not in imported
+
+
+def test_conformance_runs_two_at_a_time_unless_they_share_one_cluster():
+    from zcbench.harness import estimate
+
+    assert main_job.conformance_jobs(main_job.JobSettings()) == 2
+    assert main_job.conformance_jobs(main_job.JobSettings(ray_address="127.0.0.1:6379")) == 1
+    assert main_job.conformance_jobs(main_job.JobSettings(conformance_impls=["reference"])) == 1
+    one = estimate.conformance_seconds(1)
+    assert one < estimate.conformance_seconds(2, jobs=2) < estimate.conformance_seconds(2, jobs=1) == 2 * one
+    assert estimate.conformance_seconds(0) == 0.0

@@ -203,6 +203,29 @@ def test_matrix_writes_json_and_markdown(tmp_path, address: str) -> None:
     assert oct((tmp_path / "matrix.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+def test_matrix_runs_implementations_concurrently_and_keeps_their_order(tmp_path, monkeypatch) -> None:
+    import threading
+    import time
+
+    from zcbench.harness import conformance
+
+    both_running = threading.Barrier(2, timeout=30)  # broken (an error) unless the two runs overlap
+
+    def run_one(name, **kw):
+        both_running.wait()
+        if name == "reference":
+            time.sleep(0.3)  # finishes last, yet its column comes first
+        return {"implementation": name, "status": "ok", "header": None, "results": [], "warnings": [],
+                "counts": conformance.counts([]), "provenance": {"commit": None, "dirty": None}}  # fmt: skip
+
+    monkeypatch.setattr(conformance, "run_one", run_one)
+    monkeypatch.setattr(conformance, "write", lambda matrix, out_dir: None)
+    matrix = conformance.run_matrix(["reference", "naive"], tmp_path, select=[CHECK], jobs=2)
+    assert list(matrix["implementations"]) == ["reference", "naive"] and matrix["complete"]
+    with pytest.raises(ValueError, match="private cluster per implementation"):
+        conformance.run_matrix(["reference", "naive"], tmp_path, jobs=2, ray_address="127.0.0.1:1")
+
+
 def _umask() -> int:
     import os
 
