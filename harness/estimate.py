@@ -70,7 +70,7 @@ def run_seconds(settings: Settings, processes: int = 1, cells: list[dict] | None
 
 #: One implementation's conformance run (CI profile) on this machine class, in seconds (measured 170-200 s).
 CONFORMANCE_S = 185.0
-#: Two runs at a time take this much longer than one: both are CPU-bound (measured 327 s for two against 201 s).
+#: Two runs at a time take this much longer than one: both are CPU-bound (measured 360 s for two, 430 s in a row).
 CONCURRENT_SLOWDOWN = 1.65
 
 

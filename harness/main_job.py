@@ -25,8 +25,8 @@ from . import matrix
 #: Implementations whose conformance the main job records.
 CONFORMANCE_IMPLS = ("reference", "naive")
 CONFORMANCE_TIMEOUT_S = 2400.0
-#: Conformance runs at a time (each its own private cluster): 327 s for reference and naive together on this
-#: 2-core machine class, against 391 s one after the other (both runs CPU-bound: ~300 CPU-s each).
+#: Conformance runs at a time (each its own private cluster): reference and naive took 360 s two at a time and
+#: 430 s one after the other, back to back on this 2-core machine class (each run is CPU-bound, ~310 CPU-s).
 CONFORMANCE_JOBS = 2
 
 

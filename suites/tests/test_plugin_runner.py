@@ -203,7 +203,7 @@ def test_matrix_writes_json_and_markdown(tmp_path, address: str) -> None:
     assert oct((tmp_path / "matrix.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
-def test_matrix_runs_implementations_concurrently_and_keeps_their_order(tmp_path, monkeypatch) -> None:
+def test_matrix_runs_implementations_concurrently_and_keeps_their_order(tmp_path, monkeypatch, capsys) -> None:
     import threading
     import time
 
@@ -222,6 +222,7 @@ def test_matrix_runs_implementations_concurrently_and_keeps_their_order(tmp_path
     monkeypatch.setattr(conformance, "write", lambda matrix, out_dir: None)
     matrix = conformance.run_matrix(["reference", "naive"], tmp_path, select=[CHECK], jobs=2)
     assert list(matrix["implementations"]) == ["reference", "naive"] and matrix["complete"]
+    assert "conformance: 2 to do, about " in capsys.readouterr().err  # an estimate before the first verdict
     with pytest.raises(ValueError, match="private cluster per implementation"):
         conformance.run_matrix(["reference", "naive"], tmp_path, jobs=2, ray_address="127.0.0.1:1")
 
