@@ -9,7 +9,7 @@ OUTCOMES = pytest.StashKey[list]()
 
 @pytest.fixture
 def control_outcomes(request: pytest.FixtureRequest) -> list:
-    """Where each control test records (check id, mutant, status) for the summary line."""
+    """Where each control test records (check id, mutant, status[, first run]) for the summary line."""
     return request.config.stash.setdefault(OUTCOMES, [])
 
 
@@ -20,7 +20,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     from zcbench.suites import controls
     from zcbench.suites.registry import all_checks
 
-    retried = [f"{c} / {m}" for c, m, status in outcomes if status == "retried"]
+    # A retried control also says what its first run saw (status, reason, observations), so a miss can be diagnosed.
+    retried = [f"{o[0]} / {o[1]} (first run {o[3][:200]})" for o in outcomes if o[2] == "retried"]
     outcomes = [o for o in outcomes if o[2] != "retried"]
     by_check: dict[str, list[str]] = {}
     for check_id, _, status in outcomes:
