@@ -20,8 +20,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     from zcbench.suites import controls
     from zcbench.suites.registry import all_checks
 
-    # A retried control also says what its first run saw (status, reason, observations), so a miss can be diagnosed.
-    retried = [f"{o[0]} / {o[1]} (first run {o[3][:200]})" for o in outcomes if o[2] == "retried"]
+    # A retried control also says what its missed runs saw (status, reason, observations), so a miss can be diagnosed.
+    retried = [f"{o[0]} / {o[1]} ({o[3][:400]})" for o in outcomes if o[2] == "retried"]
     outcomes = [o for o in outcomes if o[2] != "retried"]
     by_check: dict[str, list[str]] = {}
     for check_id, _, status in outcomes:
@@ -35,5 +35,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         f"({caught} of {len(outcomes)} controls caught)"
         + (f"; {len(lacking)} checks need hardware this machine lacks ({', '.join(lacking)}): "
            "their controls run in results/gpu/run_gpu_check.sh" if lacking else "")
-        + (f"; caught only on a second run: {', '.join(retried)}" if retried else "")
+        + (f"; caught only on a later run: {', '.join(retried)}" if retried else "")
     )
