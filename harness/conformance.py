@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -238,15 +239,10 @@ def run_matrix(
             matrix["implementations"] = {n: columns[n] for n in impls if n in columns}
             write(matrix, out_dir)
 
-    from concurrent.futures import ThreadPoolExecutor
+    from .estimate import conformance_seconds  # imports torch (the model zoo): only where an estimate is made
 
     # The estimate before the first verdicts: a whole run's time, scaled by the share of the checks selected.
-    from zcbench.suites.executor import select_checks
-
-    from .estimate import conformance_seconds
-
-    share = per_impl / max(1, len(select_checks(None)))
-    expected_s = conformance_seconds(len(impls), jobs) * share
+    expected_s = conformance_seconds(len(impls), jobs) * per_impl / max(1, _expected_checks(None))
     with Progress("conformance", total=per_impl * len(impls), expected_s=expected_s) as bar:
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:

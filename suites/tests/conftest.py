@@ -9,7 +9,7 @@ OUTCOMES = pytest.StashKey[list]()
 
 @pytest.fixture
 def control_outcomes(request: pytest.FixtureRequest) -> list:
-    """Where each control test records (check id, mutant, status[, first run]) for the summary line."""
+    """Where each control test records (check id, mutant, status), and (check id, mutant, "retried", what the missed runs saw) for the summary line."""
     return request.config.stash.setdefault(OUTCOMES, [])
 
 

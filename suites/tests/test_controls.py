@@ -48,7 +48,7 @@ def test_control_fails_its_check(ray_session, control_outcomes, check_id: str, c
     runs = LIFETIME_RUNS if check_id.startswith("lifetime.") else 2
     result, missed = _run_control(control, check_id), []
     while not _caught(result, control) and len(missed) < runs - 1:
-        missed.append(f"run {len(missed) + 1} {_first_run(result)}")
+        missed.append(f"run {len(missed) + 1} {_missed_run(result)}")
         result = _run_control(control, check_id)
     if missed:
         control_outcomes.append((check_id, control.mutant, "retried", "; ".join(missed)))
@@ -68,7 +68,7 @@ def _caught(result, control: controls.Control) -> bool:
     return result.status == "fail" and re.search(control.reason, result.reason or "") is not None
 
 
-def _first_run(result) -> str:
+def _missed_run(result) -> str:
     """What a control's missed run saw, for the summary: its status, reason and observations."""
     seen = ", ".join(f"{k} {v}" for k, v in (result.observations or {}).items() if isinstance(v, (int, float, str)))
     return f"{result.status}" + (f": {result.reason}" if result.reason else "") + (f"; {seen}" if seen else "")
