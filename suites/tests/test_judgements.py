@@ -129,6 +129,33 @@ def test_leak_bounds_catch_a_steady_megabyte_per_load():
         lifetime.judge_leaks({**noise, "actor_fds": 30}, lifetime.leak_bounds(model, 30), 30, "mlp-16mib")
 
 
+def test_too_little_store_pressure_is_the_suites_error_not_a_failure(monkeypatch):
+    """Our fill putting less than the store's capacity through it judges nothing: an error, never a fail."""
+    from zcbench.suites import verdicts
+
+    counters = iter([{"created": 100 * MiB, "spilled": 0}, {"created": 596 * MiB, "spilled": 0}])
+    monkeypatch.setattr(lifetime, "_store_counters", lambda: next(counters))
+    before = lifetime._store_counters()
+    with pytest.raises(lifetime.InfrastructureError, match=r"only 496 MiB passed through the 512 MiB store") as info:
+        lifetime._assert_pressure(before, 512 * MiB)
+    assert verdicts.classify(info.value) == "error"
+    counters = iter([{"created": 740 * MiB, "spilled": 64 * MiB}])
+    monkeypatch.setattr(lifetime, "_store_counters", lambda: next(counters))
+    assert lifetime._assert_pressure({"created": 100 * MiB, "spilled": 0}, 512 * MiB) == {"created": 640 * MiB, "spilled": 64 * MiB}
+
+
+def test_fill_is_sized_from_the_capacity_alone(monkeypatch):
+    """More than the capacity whatever the store already holds, so every free page gets reused."""
+    import types
+
+    puts = []
+    fake = types.SimpleNamespace(put=lambda a: puts.append(a.nbytes) or a, get=lambda a: a)
+    monkeypatch.setattr(lifetime, "ray", fake)
+    monkeypatch.setattr(lifetime.probes, "store_bytes_by_node", lambda: {"head": 400 * MiB})  # a fuller store
+    put = lifetime._fill_store(512 * MiB, chunk=16 * MiB)
+    assert put == sum(puts) >= 1.25 * 512 * MiB
+
+
 def test_ray_data_residency_judgement():
     full = {"bytes_total": 100, "bytes_in_store": 100, "outside": []}
     assert ray_data.judge_residency([{"residency": full}] * 2, zero_copy=True)["actors_loaded"] == 2
