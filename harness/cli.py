@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -224,12 +225,24 @@ def cmd_main(args: argparse.Namespace) -> int:
 def cmd_conformance(args: argparse.Namespace) -> int:
     from . import conformance
 
-    return int(conformance.main(args) or 0)
+    try:
+        return int(conformance.main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"zcbench conformance: interrupted; what was judged is kept in {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zcbench`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    # A kill -TERM (a CI job's time-out, a scheduler) ends a run as Ctrl-C does: what was
+    # measured is saved and the measuring subprocesses and their Ray clusters end too,
+    # instead of outliving this process.
+    signal.signal(signal.SIGTERM, _interrupt)
     # Local test clusters need no token auth (Ray 2.60 enables it by default); every
     # measuring subprocess inherits these before it imports ray.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

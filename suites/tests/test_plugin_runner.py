@@ -227,6 +227,37 @@ def test_matrix_runs_implementations_concurrently_and_keeps_their_order(tmp_path
         conformance.run_matrix(["reference", "naive"], tmp_path, jobs=2, ray_address="127.0.0.1:1")
 
 
+def test_a_killed_matrix_ends_its_subprocesses_and_keeps_what_was_judged(tmp_path) -> None:
+    """kill -TERM of ``zcbench conformance`` ends like Ctrl-C: every implementation's subprocess dies with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import sys, time
+from zcbench.harness import cli, conformance
+def run_one(name, **kw):
+    child = conformance._Child(["sleep", "600"], {{}}, lambda line: None)
+    print(child.proc.pid, flush=True)
+    child.wait(600)
+conformance.run_one = run_one
+sys.exit(cli.main(["conformance", "--impl", "reference", "--out", {str(tmp_path)!r}]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; what was judged is kept in" in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}"), "the implementation's subprocess outlived the killed matrix"
+    assert (tmp_path / "matrix.json").exists()
+
+
 def _umask() -> int:
     import os
 
