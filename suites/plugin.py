@@ -149,6 +149,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.stash[_EXECUTOR].prepare(impl, chosen)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.stash.get(_EXECUTOR, None) is not None:
+        from .executor import thaw
+
+        thaw()
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     stale = config.stash.get(_STALE, [])
     if stale:

@@ -9,6 +9,7 @@ every process that touches it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -181,17 +182,28 @@ def trim_heap() -> None:
     glibc keeps freed heap pages mapped: without this, memory a process freed still counts
     in its USS, and a private copy made later can hide in it.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
+    libc = _libc()
+    if libc is not None:
         try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
+            libc.malloc_trim(0)
+        except AttributeError:  # not glibc
             pass
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, looked up once (``find_library`` runs ``ldconfig`` in a subprocess each time)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 def memory(pid: int | None = None) -> Memory:

@@ -28,6 +28,13 @@ HEAD, SECOND, SMALL = "head", "second", "small"
 #: A custom resource that names each node's role, so actors can be pinned to it.
 ROLE_RESOURCE = "zcbench_node_{}"
 START_ATTEMPTS = 3
+#: Ray settings of a private cluster that change when things happen, never what happens:
+#: - raylets batch the deletion of freed objects and flush once a second, and every check's
+#:   clean-up waits for the store to come back: it would wait up to that second each time;
+#: - a node keeps only as many idle workers as it has CPUs, counting the probe actors: every
+#:   Ray Data read or write and every task-mode call would start fresh worker processes
+#:   (seconds of CPU each, importing pyarrow or torch) instead of reusing idle ones.
+SYSTEM_CONFIG = {"free_objects_period_milliseconds": 20, "num_workers_soft_limit": 1000}
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ def visible_gpus() -> int:
 #: that filling it past capacity (lifetime.store_pressure) is quick; the small node's store is
 #: smaller than the over-capacity check's model.
 CONFORMANCE_LAYOUT: dict[str, NodeSpec] = {
-    HEAD: NodeSpec(8, 512 * MiB, gpus=None),
+    HEAD: NodeSpec(2, 512 * MiB, gpus=None),
     SECOND: NodeSpec(2, 256 * MiB),
     SMALL: NodeSpec(2, 128 * MiB),
 }
@@ -116,7 +123,7 @@ class Session:
             head = next(iter(self.layout))
             # No autoscaler monitor or log monitor: a fixed local cluster needs neither, and each is
             # a Python process competing for a small machine's cores.
-            args = {**self._node_args(head), "no_monitor": True, "include_log_monitor": False}
+            args = {**self._node_args(head), "no_monitor": True, "include_log_monitor": False, "_system_config": SYSTEM_CONFIG}
             self.cluster = Cluster(initialize_head=True, head_node_args=args)
             # Registered after the cluster's own exit hook, so it runs first: the driver disconnects
             # before the nodes are killed (a driver whose raylet dies under it exits with status 1).

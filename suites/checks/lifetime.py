@@ -29,7 +29,7 @@ MiB = 2**20
 #: Ray frees objects asynchronously after the last reference is gone.
 FREE_TIMEOUT_S = 10.0
 #: Seconds to wait for an object the driver let go to leave the store before the fill.
-DROP_WAIT_S = 2.0
+DROP_WAIT_S = 1.0
 
 
 def _forward(model: Any, inputs: tuple) -> Any:
