@@ -40,6 +40,10 @@ STATUSES = ("pass", "fail", "error", "skip", "xfail", "xpass")
 #: Bytes the object store may hold above a check's starting level once the check cleaned up.
 SETTLE_SLACK = 64 * 1024
 SETTLE_TIMEOUT_S = 3.0
+#: Checks whose probe actors start in the background while an earlier one runs. Starting every
+#: actor a run needs at once (16 for ``scale.pool_16_actors``) would hold up the first verdicts
+#: for as long as all of them take to import torch on a small machine.
+LOOKAHEAD = 3
 
 
 class DriverEnvError(RuntimeError):
@@ -192,6 +196,7 @@ class Executor:
     def __init__(self, ray_address: str | None = None):
         self.ray_address = ray_address
         self.broken: str | None = None  # set once the cluster could not be restarted
+        self.plan: list[Check] = []  # the checks prepare() was told will run, in order
 
     def session(self):
         # Imported here: ray must not be imported before the driver env is applied.
@@ -200,19 +205,44 @@ class Executor:
         return session.current(self.ray_address)
 
     def prepare(self, impl: Implementation, checks: list[Check]) -> None:
-        """Start the cluster and the probe actors the selected checks will need, in the background."""
+        """Start the cluster, and in the background the probe actors the first checks will need."""
+        self.plan = [c for c in checks if skip_reason(c, impl) is None]
+        try:
+            self.session().start()
+        except InfrastructureError:
+            return  # the first check reports it, as an error
+        self._prestart(impl, self.plan[:LOOKAHEAD])
+
+    def _prestart(self, impl: Implementation, checks: list[Check]) -> None:
         from . import hosts
 
         wanted: dict[str, int] = {}
         for c in checks:
-            if skip_reason(c, impl) is None:
-                for role, n in c.hosts.items():
-                    wanted[role] = max(wanted.get(role, 0), n)
+            for role, n in c.hosts.items():
+                wanted[role] = max(wanted.get(role, 0), n)
         try:
-            self.session().start()
             hosts.prestart(impl, wanted)
         except InfrastructureError:
-            pass  # the first check reports it, as an error
+            pass  # the check that needs them reports it, as an error
+
+    def _prestart_ahead(self, check: Check, impl: Implementation) -> None:
+        """Top up the probe actors of the next few planned checks while this one runs.
+
+        A timed check instead waits until every actor started in the background is up, so no
+        process start competes with what it times.
+        """
+        from . import hosts
+
+        if self.broken or not self.session().started:
+            return  # the check's own attempt starts the cluster, and reports it if it cannot
+        if check.timed:
+            hosts.wait_for_starts()
+        elif check in self.plan:
+            at = self.plan.index(check)
+            window = self.plan[at : at + LOOKAHEAD]
+            # Nothing for the checks after a timed one: it would wait for them to start.
+            ahead = next((i for i, c in enumerate(window) if c.timed), len(window))
+            self._prestart(impl, window[: ahead + 1])
 
     def _attempt(self, check: Check, impl: Implementation) -> tuple[str, Any]:
         """One run of ``check``: (``"pass"``, observations) or (``"skip"``/``"fail"``/``"error"``, :class:`Raised`)."""
@@ -273,6 +303,7 @@ class Executor:
             result.reason = skip
             return result
         started = time.perf_counter()
+        self._prestart_ahead(check, impl)
         if self.broken:
             kind, outcome = "error", Raised.of(InfrastructureError(self.broken))
         else:

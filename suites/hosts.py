@@ -418,6 +418,15 @@ def kill_touched() -> None:
         p.touched.clear()
 
 
+def wait_for_starts(timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until every host started in the background is up (or died starting: its borrower replaces it)."""
+    pending = [h.ready_ref for p in current().pools.values() for h in p.idle if h.pid is None]
+    if pending:
+        ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+    for p in current().pools.values():
+        p._poll()
+
+
 def prestart(impl: Implementation, counts: dict[str, int]) -> None:
     """Start hosts for ``impl`` in the background: ``counts`` maps a node role to how many."""
     session = current()

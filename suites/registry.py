@@ -46,6 +46,7 @@ class Check:
     ``requires``: capability flags the implementation must declare, else the check is skipped.
     ``needs``: hardware (``"cuda"``) this machine must have, else skipped with that reason.
     ``hosts``: probe actors it uses at once, per node role, so they are started ahead of it.
+    ``timed``: it judges durations, so it runs only once no probe actor is starting.
     """
 
     id: str
@@ -55,6 +56,7 @@ class Check:
     hosts: dict[str, int] = field(default_factory=dict)
     timeout_s: float = DEFAULT_TIMEOUT_S
     doc: str = ""
+    timed: bool = False
 
     @property
     def property(self) -> str:
@@ -84,6 +86,7 @@ def check(
     needs: tuple[str, ...] = (),
     hosts: dict[str, int] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    timed: bool = False,
 ) -> Callable:
     """Register ``fn`` as the check ``check_id``."""
 
@@ -91,7 +94,7 @@ def check(
         if check_id in _CHECKS and _CHECKS[check_id].fn is not fn:
             raise ValueError(f"check id {check_id!r} registered twice")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        _CHECKS[check_id] = Check(check_id, fn, tuple(requires), tuple(needs), dict(hosts) if hosts is not None else {"head": 2}, timeout_s, doc)
+        _CHECKS[check_id] = Check(check_id, fn, tuple(requires), tuple(needs), dict(hosts) if hosts is not None else {"head": 2}, timeout_s, doc, timed)
         return fn
 
     return register

@@ -80,6 +80,11 @@ class Session:
         self.restarts = 0
 
     @property
+    def started(self) -> bool:
+        """Whether the cluster is up (started or connected, and not torn down since)."""
+        return bool(self.nodes)
+
+    @property
     def private(self) -> bool:
         """Whether this session started its own cluster (and so may restart it)."""
         return self.address is None

@@ -33,7 +33,7 @@ from . import hosts, probes
 from .contract import Implementation, load_implementation
 from .models import IMAGE_MEAN, IMAGE_STD
 from .collector import collector
-from .pipeline import MIN_STORED_BYTES, POOL_ACTOR_CPUS, batches_of, ray_data_settings
+from .pipeline import MIN_STORED_BYTES, POOL_ACTOR_CPUS, batches_of, model_input, ray_data_settings, row_bytes
 
 # ------------------------------------------------------------------------------ image classifier
 
@@ -245,10 +245,8 @@ class ErrorRowsActor:
         ray.get(reports.add.remote(run, {"pid": self.pid, "residency": probes.residency(self.model, MIN_STORED_BYTES).as_dict()}))
 
     def _forward(self, features: np.ndarray, category: np.ndarray) -> list[bytes]:
-        from .pipeline import row_bytes
-
         with torch.no_grad():
-            out = self.model(torch.from_numpy(features), torch.from_numpy(category))
+            out = self.model(model_input(features), model_input(category))
         return row_bytes(out, len(features))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -327,9 +325,7 @@ def verify_patterns(table: Any, rows: list[dict], original: Any) -> dict[str, An
                 continue
             batch = to_model_inputs({k: np.array([by_id[rid][k] for rid, _ in good]) for k in rows[0]})
             with torch.no_grad():
-                from .pipeline import row_bytes
-
-                want = row_bytes(original(torch.from_numpy(batch["features"]), torch.from_numpy(batch["category"])), len(good))
+                want = row_bytes(original(model_input(batch["features"]), model_input(batch["category"])), len(good))
             for (rid, got), expected in zip(good, want):
                 assert got == expected, f"ray_data: output of row {rid} differs from the original model's on the same batch"
                 checked += 1

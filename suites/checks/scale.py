@@ -74,7 +74,7 @@ def judge_many(runs: dict[int, dict[str, Any]], counts: tuple[int, int, int] = C
     )
 
 
-@check("scale.many_tensors", hosts={"head": 1})
+@check("scale.many_tensors", hosts={"head": 1}, timed=True)
 def check_many_tensors(impl) -> dict[str, Any]:
     """5,000 4-KiB parameters load with exact outputs, no per-tensor descriptors, and a per-tensor cost no worse than at 500."""
     runs = {n: _load_many(impl, n) for n in COUNTS}

@@ -25,6 +25,7 @@ class FakeSession:
         self.fail_starts, self.fail_restart = fail_starts, fail_restart
         self.starts = self.restarts = 0
         self.pools: dict = {}
+        self.started = True
 
     def start(self) -> None:
         self.starts += 1
@@ -77,6 +78,25 @@ def test_statuses_of_plain_checks(fake) -> None:
     assert (skipped.status, skipped.reason) == ("skip", "not on this machine")
     undeclared = executor.Executor().execute(Check("x.gpu", boom, requires=("task_mode", "nonexistent_flag")), impl)
     assert (undeclared.status, undeclared.reason) == ("skip", "capability nonexistent_flag not declared by reference")
+
+
+def test_probe_actors_start_a_few_checks_ahead_and_never_during_a_timed_check(fake, monkeypatch) -> None:
+    from zcbench.suites import hosts
+
+    asked: list = []
+    monkeypatch.setattr(hosts, "prestart", lambda impl, counts: asked.append(dict(counts)))
+    monkeypatch.setattr(hosts, "wait_for_starts", lambda: asked.append("quiet"))
+    impl = _impl()
+    plan = [Check(f"x.c{i}", lambda _i: None, hosts={"head": n}) for i, n in enumerate([1, 2, 1, 1, 16])]
+    timed = Check("x.timed", lambda _i: None, hosts={"head": 1}, timed=True)
+    plan.insert(4, timed)
+    ex = executor.Executor()
+    ex.prepare(impl, plan)
+    assert asked == [{"head": 2}]  # the first LOOKAHEAD checks only, not the 16 of the last one
+    for c in plan:
+        ex.execute(c, impl)
+    # c3 looks no further than the timed check; the timed check only waits; c4 then starts its 16
+    assert asked[1:] == [{"head": 2}, {"head": 2}, {"head": 1}, {"head": 1}, "quiet", {"head": 16}]
 
 
 def test_hardware_absent_is_a_skip_that_says_so(fake) -> None:

@@ -165,3 +165,29 @@ def test_ray_data_residency_judgement():
     ray_data.judge_residency([{"residency": short}], zero_copy=False)
     with pytest.raises(AssertionError, match="no pool actor reported"):
         ray_data.judge_residency([], zero_copy=True)
+
+
+def test_batch_inputs_give_the_same_bits_at_any_offset_into_a_block():
+    """A batch that is a view at an unaligned offset (as Ray Data hands them out) computes what a fresh copy does."""
+    import numpy as np
+    import torch
+
+    from zcbench.suites.pipeline import model_input
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 256)
+    rows = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the pool actors and the driver's re-run
+    try:
+        with torch.no_grad():
+            want = layer(model_input(rows.copy()))
+            for offset in range(16):  # in floats: every alignment a slice of a block can have
+                block = np.zeros(3 * 64 + 16, np.float32)
+                view = block[offset : offset + 3 * 64].reshape(3, 64)
+                view[:] = rows
+                t = model_input(view)
+                assert t.data_ptr() % 64 == 0 and t.is_contiguous()
+                assert torch.equal(layer(t), want), f"offset {offset}"
+    finally:
+        torch.set_num_threads(threads)
