@@ -68,10 +68,10 @@ def run_seconds(settings: Settings, processes: int = 1, cells: list[dict] | None
     return cpu / BUSY_CORES
 
 
-#: One implementation's conformance run (CI profile) on this machine class, in seconds (measured 170-200 s).
-CONFORMANCE_S = 185.0
-#: Two runs at a time take this much longer than one: both are CPU-bound (measured 360 s for two, 430 s in a row).
-CONCURRENT_SLOWDOWN = 1.65
+#: One implementation's conformance run (CI profile) on this machine class, in seconds (measured 86-89 s).
+CONFORMANCE_S = 88.0
+#: Two runs at a time take this much longer than one: both are CPU-bound (measured 166 s for two, 86 s for one).
+CONCURRENT_SLOWDOWN = 1.9
 
 
 def conformance_seconds(impls: int, jobs: int = 1) -> float:

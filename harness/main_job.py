@@ -25,8 +25,8 @@ from . import matrix
 #: Implementations whose conformance the main job records.
 CONFORMANCE_IMPLS = ("reference", "naive")
 CONFORMANCE_TIMEOUT_S = 2400.0
-#: Conformance runs at a time (each its own private cluster): reference and naive took 360 s two at a time and
-#: 430 s one after the other, back to back on this 2-core machine class (each run is CPU-bound, ~310 CPU-s).
+#: Conformance runs at a time (each its own private cluster): reference and naive took 166 s two at a time, 86 s
+#: for reference alone, on this 2-core machine class (each run is CPU-bound, ~120 CPU-s).
 CONFORMANCE_JOBS = 2
 
 

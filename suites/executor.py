@@ -238,6 +238,9 @@ class Executor:
         if check.timed:
             hosts.wait_for_starts()
         elif check in self.plan:
+            # Its own actors first, and up: the ones for later checks would only slow their start.
+            self._prestart(impl, [check])
+            hosts.wait_for_starts()
             at = self.plan.index(check)
             window = self.plan[at : at + LOOKAHEAD]
             # Nothing for the checks after a timed one: it would wait for them to start.

@@ -95,8 +95,11 @@ def test_probe_actors_start_a_few_checks_ahead_and_never_during_a_timed_check(fa
     assert asked == [{"head": 2}]  # the first LOOKAHEAD checks only, not the 16 of the last one
     for c in plan:
         ex.execute(c, impl)
-    # c3 looks no further than the timed check; the timed check only waits; c4 then starts its 16
-    assert asked[1:] == [{"head": 2}, {"head": 2}, {"head": 1}, {"head": 1}, "quiet", {"head": 16}]
+    # each check's own actors first, and up; then the next ones, looking no further than a timed
+    # check, which only waits for what is starting; c4 then starts its 16
+    own = lambda n: [{"head": n}, "quiet"]  # noqa: E731
+    assert asked[1:] == [*own(1), {"head": 2}, *own(2), {"head": 2}, *own(1), {"head": 1}, *own(1), {"head": 1},
+                         "quiet", *own(16), {"head": 16}]  # fmt: skip
 
 
 def test_hardware_absent_is_a_skip_that_says_so(fake) -> None:
