@@ -306,7 +306,10 @@ class Executor:
             result.reason = skip
             return result
         started = time.perf_counter()
-        self._prestart_ahead(check, impl)
+        try:
+            self._prestart_ahead(check, impl)
+        except Exception:  # noqa: BLE001 - a broken cluster is the check's own attempt to report, as an error
+            pass
         if self.broken:
             kind, outcome = "error", Raised.of(InfrastructureError(self.broken))
         else:
