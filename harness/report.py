@@ -154,7 +154,7 @@ def ratio_table(cells: list[dict[str, Any]]) -> list[str]:
     rows = [c for c in cells if "speed_vs_naive" in c["metrics"] and c["params"]["impl"] != PRIVATE_BASELINE]
     if not rows:
         return []
-    lines = ["## Steady-state throughput: shared vs private (same run, interleaved A B A B)", "",
+    lines = ["## Steady-state throughput: shared vs private (same run, interleaved A B, B A, …)", "",
              "Against naive (the same model privately owned by each actor), one ratio per round, then median "
              "[min–max] over rounds: *speed* is naive's steady per-batch latency (p50) over this one's; *rows/s* is "
              "the pool's steady throughput over naive's, measured over the window in which every actor was busy "
@@ -272,7 +272,8 @@ def notes() -> list[str]:
         "- Store: bytes each node's object store gained (node 0 = the driver's), right after wrap and after the run.",
         "- Audit: every row id exactly once, and a sample of batches re-run in the driver on the original model "
         "(one thread on both sides) and compared bit for bit; any difference makes the cell INVALID.",
-        "- Implementations take turns within every round (A B A B …); ratios to naive are taken per round, then "
+        "- Implementations take turns within every round, the order reversing each round (A B, B A, …); ratios "
+        "to naive are taken per round, then "
         "summarised. Each implementation group runs in its own measuring process with its `worker_env` set before "
         "`import ray`.",
         "",

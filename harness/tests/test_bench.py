@@ -37,7 +37,8 @@ def test_complete_run_validates_and_has_stats(tmp_path):
 def test_implementations_interleave_and_warmup_runs(tmp_path):
     runner = fakes.FakeRunner()
     fakes.run_fake(tmp_path, runner, fakes.small_settings(pools=[1], batches=[8], rounds=2, warmup=1))
-    assert [impl for impl, _ in runner.calls] == ["reference", "naive"] * 3  # 1 warm-up + 2 measured, A B A B
+    # 1 warm-up + 2 measured rounds, the order reversing every round: A B, B A, A B
+    assert [impl for impl, _ in runner.calls] == ["reference", "naive", "naive", "reference", "reference", "naive"]
 
 
 def test_failed_and_invalid_cells_are_marked(tmp_path):
