@@ -7,15 +7,18 @@ Per model shape (the ``scale`` set: 12 tensors of a 384 MiB model, ``tensors-500
 Linear layers = 4,000 tensors, ``tensors-5000``, ``tensors-20000``), each round loads the
 wrapped model in a fresh Ray actor (a process that never loaded anything,
 :func:`zcbench.suites.hosts.load` with ``fresh=True``), then runs the first and the second
-forward pass there. ``--zc-impl`` (the suite's pytest plugin) names the implementation.
+forward pass there, then steady forward passes of the loaded model taking turns with a
+private copy of it in the same actor (:func:`zcbench.harness.inactor.steady_vs_private`):
+what serving from shared weights costs once running, with nothing else different.
+``--zc-impl`` (the suite's pytest plugin) names the implementation.
 
 What pytest-benchmark records is **the time measured inside the actor**, not the driver's
 round trip: the benchmarks run in pedantic mode with a clock (:class:`ActorClock`) that
 advances by exactly the seconds the actor measured, so the statistics, ``--benchmark-json``
 and ``pytest-benchmark compare`` all see the in-actor times. The driver's round trips are
 kept in ``extra_info["driver_s"]``. The load rounds are measured live in ``test_load``;
-the two forward benchmarks report the same actors' forward passes (measured right after
-each load, in the same process), so one fresh process per round serves all three. The
+the forward benchmarks report the same actors' forward passes (measured right after
+each load, in the same process), so one fresh process per round serves all four. The
 metadata floor (building the shape's tensors as views plus Parameters, no bytes moved) is
 timed live in the driver with pytest-benchmark's own timer.
 
@@ -34,7 +37,7 @@ import pytest
 # Absolute imports only: pytest may import this file under another name (``harness.bench_load``), and
 # whatever Ray pickles by reference must resolve in the workers.
 from zcbench.harness.floor import build_views, tensor_specs
-from zcbench.harness.inactor import timed_forward
+from zcbench.harness.inactor import steady_vs_private, timed_forward
 from zcbench.harness.matrix import resolve_model
 from zcbench.suites import models, probes
 
@@ -90,7 +93,7 @@ class Shape:
         self.wrapped = self.impl.wrap(original, "actor")
 
     def measure(self) -> dict[str, float]:
-        """One more round: load in a fresh actor, then its first and second forward pass."""
+        """One more round: load in a fresh actor, its first and second forward pass, then steady ones vs a private copy."""
         import ray
         from zcbench.suites import hosts
 
@@ -103,9 +106,11 @@ class Shape:
             inputs = self.case.inputs()
             first = ray.get(loaded.apply(timed_forward, self.case.method, inputs))
             second = ray.get(loaded.apply(timed_forward, self.case.method, inputs))
+            steady = ray.get(loaded.apply(steady_vs_private, self.case.method, inputs))
         finally:
             hosts.release([loaded])
-        self.rounds.append({"load_s": loaded.report["load_s"], "first_s": first, "second_s": second, "driver_s": driver_s})
+        self.rounds.append({"load_s": loaded.report["load_s"], "first_s": first, "second_s": second, "driver_s": driver_s,
+                            "steady_s": steady["shared_s"], "private_s": steady["private_s"]})  # fmt: skip
         return self.rounds[-1]
 
     def round(self, i: int) -> dict[str, float]:
@@ -190,6 +195,22 @@ def test_second_forward(benchmark: Any, shape_runs: Any, zc_impl: Any, shape: st
     benchmark.group = shape
     benchmark.pedantic(lambda: clock.advance(s.round(next(rounds))["second_s"]), rounds=ROUNDS, iterations=1)
     _describe(benchmark, zc_impl, s, "second forward")
+
+
+@SHAPES
+def test_steady_forward(benchmark: Any, shape_runs: Any, zc_impl: Any, shape: str) -> None:
+    """Steady forward passes of the loaded model (median per actor), timed in turns with a private copy of it.
+
+    ``extra_info``: the private copy's medians and ``speed_vs_private`` (private over loaded, per
+    round; 1.0 means serving from the shared weights costs nothing once running).
+    """
+    s = shape_runs(shape)
+    clock, rounds = use_clock(benchmark), iter(range(ROUNDS))
+    benchmark.group = shape
+    benchmark.pedantic(lambda: clock.advance(s.round(next(rounds))["steady_s"]), rounds=ROUNDS, iterations=1)
+    _describe(benchmark, zc_impl, s, "steady forward (median per actor), in turns with a private copy")
+    benchmark.extra_info["private_s"] = [r["private_s"] for r in s.rounds]
+    benchmark.extra_info["speed_vs_private"] = [r["private_s"] / r["steady_s"] for r in s.rounds]
 
 
 @SHAPES

@@ -22,6 +22,39 @@ def timed_forward(model: Any, method: str, inputs: tuple) -> float:
     return time.perf_counter() - start
 
 
+#: Timed forward passes of each copy in :func:`steady_vs_private`.
+STEADY_REPS = 10
+
+
+def steady_vs_private(model: Any, method: str, inputs: tuple, reps: int = STEADY_REPS) -> dict[str, float]:
+    """Median seconds of a steady forward pass of the loaded ``model`` and of a private copy of it, in this actor.
+
+    The copy (``copy.deepcopy``: every tensor in this process's own memory) differs from the
+    loaded model only in where its weights lie. Both run two untimed passes first (every page
+    touched), then take turns, the order reversing every pass, so drift of a shared machine and
+    the effect of going first hit both alike.
+    """
+    import copy
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    private = copy.deepcopy(model)
+    both = {"shared_s": getattr(model, method), "private_s": getattr(private, method)}
+    times: dict[str, list[float]] = {name: [] for name in both}
+    with torch.no_grad():
+        for forward in both.values():
+            forward(*inputs)
+            forward(*inputs)
+        for i in range(reps):
+            for name in (list(both) if i % 2 == 0 else list(both)[::-1]):
+                start = time.perf_counter()
+                both[name](*inputs)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 #: Packages every pool actor has imported before it loads (torch, and zcbench's pipeline with its model zoo).
 PRELOADED = ("torch.", "zcbench.")
 
