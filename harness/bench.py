@@ -30,7 +30,7 @@ from . import machine, schema
 from .matrix import Settings, cell_id, cell_keys, is_steady, rows_for
 from .metrics import metric_meta
 from .progress import Progress
-from .stats import summarize
+from .stats import summarize, turn_order
 
 ZERO_COPY_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 FINAL = ("ok", "skipped")
@@ -273,18 +273,6 @@ def round_line(cell: dict[str, Any], rnd: int, rounds: int, res: dict[str, Any])
     if "throughput_rows_s" in m:
         parts.append(f"{m['throughput_rows_s']:.0f} rows/s")
     return f"{head}: " + ", ".join(parts)
-
-
-def turn_order(cells: list[Any], rnd: int) -> list[Any]:
-    """The implementations' order in round ``rnd`` (0-based): as given in even rounds, reversed in odd ones.
-
-    With a fixed A B order, three rounds of ``steady-ratio`` (reference first, naive second) put the
-    reference's median steady latency 2.6-7.8 % behind naive's at every point, while the two models'
-    forward passes timed alternately inside one actor differed by nothing systematic: the cost was
-    the position (most likely the clean-up of the job just before), not the memory. Reversing the
-    order every round cancels any effect of position over each even number of rounds.
-    """
-    return list(cells) if rnd % 2 == 0 else list(cells)[::-1]
 
 
 def job_for(settings: Settings, params: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ def steady_vs_private(model: Any, method: str, inputs: tuple, reps: int = STEADY
 
     import torch
 
+    from .stats import turn_order
+
     torch.set_num_threads(1)
     private = copy.deepcopy(model)
     both = {"shared_s": getattr(model, method), "private_s": getattr(private, method)}
@@ -49,7 +51,7 @@ def steady_vs_private(model: Any, method: str, inputs: tuple, reps: int = STEADY
             forward(*inputs)
             forward(*inputs)
         for i in range(reps):
-            for name in (list(both) if i % 2 == 0 else list(both)[::-1]):
+            for name in turn_order(list(both), i):
                 start = time.perf_counter()
                 both[name](*inputs)
                 times[name].append(time.perf_counter() - start)
