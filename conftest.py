@@ -1,4 +1,7 @@
-"""One Ray session for the whole test run (a cluster start-stop costs seconds): the suite's own."""
+"""One Ray session per test process (a cluster start-stop costs seconds): the suite's own.
+
+Under pytest-xdist (``-n 2``, as tox runs the tests) each worker has its own.
+"""
 
 import pytest
 

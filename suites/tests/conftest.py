@@ -1,4 +1,8 @@
-"""The negative-control summary (N of N checks proven to fail) at the end of a run."""
+"""The negative-control summary (N of N checks proven to fail) at the end of a run.
+
+Under pytest-xdist each worker records its own controls; the controller, which prints the
+summary, gathers them as each worker finishes.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,19 @@ OUTCOMES = pytest.StashKey[list]()
 def control_outcomes(request: pytest.FixtureRequest) -> list:
     """Where each control test records (check id, mutant, status), and (check id, mutant, "retried", what the missed runs saw) for the summary line."""
     return request.config.stash.setdefault(OUTCOMES, [])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand its controls to the controller
+        workeroutput["zcbench_controls"] = [list(o) for o in session.config.stash.get(OUTCOMES, [])]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist's controller: keep what a finished worker's controls found, for the summary."""
+    gathered = node.config.stash.setdefault(OUTCOMES, [])
+    gathered.extend(tuple(o) for o in getattr(node, "workeroutput", {}).get("zcbench_controls", []))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

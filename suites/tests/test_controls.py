@@ -81,3 +81,22 @@ def _run_control(control: controls.Control, check_id: str):
         # The store frees those objects asynchronously: the next control must not start on a fuller
         # store than a real run's check would (the executor's own clean-up ran before the clear).
         probes.wait_store_bytes(lambda used: used <= before + 1024 * 1024, 30.0)
+
+
+def test_the_summary_gathers_the_controls_of_every_xdist_worker() -> None:
+    from types import SimpleNamespace
+
+    from zcbench.suites.tests import conftest
+
+    found = [("a.check", "mutant-x", "retried", "run 1 passed"), ("a.check", "mutant-x", "fail"), ("b.check", "mutant-y", "fail")]
+    workers = []
+    for part in (found[:2], found[2:]):
+        config = SimpleNamespace(workeroutput={}, stash=pytest.Stash())
+        config.stash[conftest.OUTCOMES] = list(part)
+        conftest.pytest_sessionfinish(SimpleNamespace(config=config))
+        workers.append(config.workeroutput)
+    controller = SimpleNamespace(stash=pytest.Stash())
+    conftest.pytest_sessionfinish(SimpleNamespace(config=controller))  # not a worker: hands nothing on
+    for output in workers:
+        conftest.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=output), None)
+    assert controller.stash[conftest.OUTCOMES] == found
