@@ -207,6 +207,8 @@ class Executor:
     def prepare(self, impl: Implementation, checks: list[Check]) -> None:
         """Start the cluster, and in the background the probe actors the first checks will need."""
         self.plan = [c for c in checks if skip_reason(c, impl) is None]
+        if not self.plan:
+            return  # every check is skipped: no cluster to start
         try:
             self.session().start()
         except InfrastructureError:

@@ -33,8 +33,12 @@ START_ATTEMPTS = 3
 #:   clean-up waits for the store to come back: it would wait up to that second each time;
 #: - a node keeps only as many idle workers as it has CPUs, counting the probe actors: every
 #:   Ray Data read or write and every task-mode call would start fresh worker processes
-#:   (seconds of CPU each, importing pyarrow or torch) instead of reusing idle ones.
-SYSTEM_CONFIG = {"free_objects_period_milliseconds": 20, "num_workers_soft_limit": 1000}
+#:   (seconds of CPU each, importing pyarrow or torch) instead of reusing idle ones;
+#: - a store that is full of objects no one can spill (mapped by a process) waits two seconds
+#:   before it puts a new object in the disk-backed fallback: every fill past capacity (the
+#:   lifetime checks) would wait that long. Ray still spills what it can and reuses every freed
+#:   page first; only the wait for a garbage collection that could free more is skipped.
+SYSTEM_CONFIG = {"free_objects_period_milliseconds": 20, "num_workers_soft_limit": 1000, "oom_grace_period_s": 0}
 
 
 @dataclass(frozen=True)

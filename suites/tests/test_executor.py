@@ -102,6 +102,16 @@ def test_probe_actors_start_a_few_checks_ahead_and_never_during_a_timed_check(fa
                          "quiet", *own(16), {"head": 16}]  # fmt: skip
 
 
+def test_a_run_whose_every_check_is_skipped_starts_no_cluster(fake) -> None:
+    undeclared = [Check(f"x.c{i}", lambda _i: None, requires=("nonexistent_flag",)) for i in range(2)]
+    ex = executor.Executor()
+    ex.prepare(_impl(), undeclared)
+    assert [ex.execute(c, _impl()).status for c in undeclared] == ["skip", "skip"]
+    assert fake.starts == 0
+    ex.prepare(_impl(), [*undeclared, Check("x.ok", lambda _i: None)])
+    assert fake.starts == 1
+
+
 def test_hardware_absent_is_a_skip_that_says_so(fake) -> None:
     import torch
 
