@@ -276,3 +276,46 @@ def test_xfails_parsing() -> None:
     for bad, msg in [("a.b\n", "1: 'a.b' has no reason"), ("x # r\n\na b # r\n", "3: cannot read"), ("a # r\na # s\n", "listed twice")]:
         with pytest.raises(xfails.ExpectedFailuresError, match=msg):
             xfails.parse(bad)
+
+
+def test_with_jobs_the_timed_checks_run_last_one_implementation_at_a_time(tmp_path, monkeypatch) -> None:
+    import threading
+    import time
+
+    from zcbench.harness import conformance
+    from zcbench.suites.executor import select_checks
+
+    order = [c.id for c in select_checks(None)]
+    timed = [c.id for c in select_checks(None) if c.timed]
+    assert timed, "no timed check is registered: this test proves nothing"
+    calls, running, lock = [], [], threading.Lock()
+
+    def run_one(name, *, select, **kw):
+        with lock:
+            running.append(name)
+            calls.append((name, select, len(running)))
+        time.sleep(0.2)  # long enough for a concurrent call to overlap
+        with lock:
+            running.remove(name)
+        results = [{"check_id": cid, "status": "pass"} for cid in reversed(select or [])]
+        return {"implementation": name, "status": "ok" if select != timed else "crashed", "reason": None if select != timed else "boom",
+                "header": {"version": "1"}, "results": results, "warnings": [f"w-{len(select or [])}"], "counts": {},
+                "provenance": {"commit": "c", "dirty": False, "started": "s", "finished": f"f{len(select or [])}", "retries": 1, "duration_s": 1.0}}  # fmt: skip
+
+    monkeypatch.setattr(conformance, "run_one", run_one)
+    monkeypatch.setattr(conformance, "write", lambda matrix, out_dir: None)
+    matrix = conformance.run_matrix(["reference", "naive"], tmp_path, jobs=2)
+    untimed = [cid for cid in order if cid not in timed]
+    assert [(n, s) for n, s, _ in calls[:2]] in ([("reference", untimed), ("naive", untimed)], [("naive", untimed), ("reference", untimed)])
+    assert max(depth for *_, depth in calls[:2]) == 2  # the untimed checks of both at once
+    assert [(n, s, depth) for n, s, depth in calls[2:]] == [("reference", timed, 1), ("naive", timed, 1)]  # then alone, in turn
+    col = matrix["implementations"]["reference"]
+    assert [r["check_id"] for r in col["results"]] == order  # one column, the registry's order
+    assert (col["status"], col["reason"]) == ("crashed", "boom")  # a run that broke is named, whichever part it was
+    assert col["provenance"]["finished"] == f"f{len(timed)}" and col["provenance"]["retries"] == 2
+    assert col["warnings"] == [f"w-{len(untimed)}", f"w-{len(timed)}"]
+    # one implementation, or one job: one run each, every selected check in it
+    calls.clear()
+    conformance.run_matrix(["reference"], tmp_path, jobs=2)
+    conformance.run_matrix(["reference", "naive"], tmp_path, select=None, jobs=1)
+    assert [s for _, s, _ in calls] == [None, None, None]
