@@ -232,12 +232,13 @@ def run_matrix(
     }
     from zcbench.suites.executor import select_checks
 
-    order = [c.id for c in select_checks(select)]
+    checks = select_checks(select)
+    order = [c.id for c in checks]
     per_impl = len(order)
     # Checks that judge durations (``timed``) wait until the concurrent runs are over and then run
     # one implementation at a time: another implementation's actors starting on the same cores
     # would make those durations, and so the verdicts, a matter of chance.
-    timed = [c.id for c in select_checks(select) if c.timed] if jobs > 1 and len(impls) > 1 else []
+    timed = [c.id for c in checks if c.timed] if jobs > 1 and len(impls) > 1 else []
     untimed = [cid for cid in order if cid not in timed]
     columns: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
