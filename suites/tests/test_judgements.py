@@ -118,7 +118,7 @@ def test_no_module_message_must_say_so():
 
 def test_leak_bounds_catch_a_steady_megabyte_per_load():
     model = 16 * MiB
-    for cycles in (30, 100):
+    for cycles in (15, 33):  # one judged segment, CI and thorough
         bounds = lifetime.leak_bounds(model, cycles)
         leak = {"driver_uss": 0, "actor_uss": cycles * MiB, "store": 0, "driver_fds": 0, "actor_fds": 0}
         with pytest.raises(AssertionError, match=r"actor_uss \+"):
@@ -127,6 +127,35 @@ def test_leak_bounds_catch_a_steady_megabyte_per_load():
         lifetime.judge_leaks(noise, bounds, cycles, "mlp-16mib")
     with pytest.raises(AssertionError, match=r"actor_fds \+30"):
         lifetime.judge_leaks({**noise, "actor_fds": 30}, lifetime.leak_bounds(model, 30), 30, "mlp-16mib")
+
+
+def _segments(actor_mib: list[list[float]]) -> list[list[dict[str, int]]]:
+    return [[{"driver_uss": 100 * MiB, "actor_uss": int(v * MiB)} for v in seg] for seg in actor_mib]
+
+
+def _judge(segments: list[list[dict[str, int]]]) -> None:
+    growth = {**lifetime.steady_growth(segments, ("driver_uss", "actor_uss")), "store": 0, "driver_fds": 0, "actor_fds": 0}
+    lifetime.judge_leaks(growth, lifetime.leak_bounds(16 * MiB, 15), 60, "mlp-16mib")
+
+
+def test_memory_held_for_a_while_or_a_one_time_step_is_not_a_leak():
+    """tensorizer's actor: readings swing by 4-12 MiB and its floor steps up by 20 MiB, partly in one segment,
+    partly in the next, then settles; the floor does not keep rising."""
+    _judge(_segments([[200, 204, 212, 200, 208], [201, 209, 200, 213, 205], [208, 200, 201, 212, 204], [200, 211, 203, 200, 209]]))
+    for step_at in (1, 2, 3):  # +4.5 MiB, then +16 MiB in the segment after (when there is one)
+        _judge(_segments([[200.0 + (4.5 if j >= step_at else 0) + (16 if j > step_at else 0) + (i % 2) * 6 for i in range(5)] for j in range(4)]))
+
+
+def test_a_steady_leak_as_small_as_the_bound_fails():
+    per_cycle = 0.3  # MiB: 4.5 MiB per segment of 15 cycles, just over the 4 MiB bound; read every 3 cycles
+    readings = [[200.0 + per_cycle * (15 * j + 3 * (i + 1)) for i in range(5)] for j in range(4)]
+    with pytest.raises(AssertionError, match=r"actor_uss \+4\.5 MiB"):
+        _judge(_segments(readings))
+    swinging = [[v + (6 if i % 2 else 0) for i, v in enumerate(seg)] for seg in readings]  # the leak under the swings
+    with pytest.raises(AssertionError, match=r"actor_uss \+4\.5 MiB"):
+        _judge(_segments(swinging))
+    with pytest.raises(ValueError, match="at least 3 segments"):
+        lifetime.steady_growth(_segments([[1.0], [], [2.0]]), ("actor_uss",))
 
 
 def test_too_little_store_pressure_is_the_suites_error_not_a_failure(monkeypatch):
