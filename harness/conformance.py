@@ -15,10 +15,12 @@ matrix marked incomplete, never a stitched one::
 private Ray cluster (nothing is shared: object stores, raylets, probe actors). One run
 keeps two cores about 80 % busy (most of it new processes importing torch), so the gain is
 the idle rest: on this 2-core machine class reference and naive took 360 s two at a time
-against 430 s one after the other. Checks that judge durations (``timed``) are held back
-until the concurrent runs end and then run one implementation at a time, each in a second
-process of its own: run beside another implementation's starting actors, a naive load of
-5,000 tensors once took 2.0 s instead of about 0.1 s and failed ``scale.many_tensors``.
+against 430 s one after the other. Checks that judge durations (``timed``) must not run
+beside another implementation's actors starting on the same cores (a naive load of 5,000
+tensors once took 2.0 s instead of about 0.1 s that way and failed ``scale.many_tensors``):
+with ``--jobs`` the implementations run in batches of that many, each run holds its timed
+checks back until every run of its batch has reached them or ended (:class:`TimedGate`),
+and then they go one run at a time.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ class _Child:
     """One implementation's subprocess: its verdicts arrive as JSON lines on stdout while it runs."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], on_line):
-        # Own session, so a time-out kills the run's Ray processes too.
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
+        # Own session, so a time-out kills the run's Ray processes too. stdin is how a TimedGate lets it go on.
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True, text=True)  # fmt: skip
         self.stderr: list[str] = []
         _LIVE.add(self)
         threading.Thread(target=self._read, args=(self.proc.stdout, on_line), daemon=True).start()
@@ -99,6 +102,14 @@ class _Child:
         _LIVE.discard(self)
         return rc
 
+    def go_on(self) -> None:
+        """Tell a run waiting before its timed checks to go on (nothing if it has ended)."""
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
     def kill(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -106,6 +117,46 @@ class _Child:
             pass
         self.proc.wait()
         _LIVE.discard(self)
+
+
+#: The line a run prints, then waits on stdin, before its timed checks (``--gate``).
+GATE_LINE = {"gate": "timed"}
+
+
+class TimedGate:
+    """Lets each run of a batch on to its timed checks only when every other run of the batch
+    waits there too or has ended, one run at a time, in the batch's order."""
+
+    def __init__(self, names: list[str]):
+        self.order = list(names)
+        self.running = set(names)  # neither waiting at the gate nor ended
+        self.waiting: list[str] = []
+        self.ended: set[str] = set()
+        self.passed: str | None = None  # the run now in its timed checks
+        self.cond = threading.Condition()
+
+    def arrive(self, name: str) -> None:
+        """Block until ``name`` may run its timed checks (returns at once if it has ended meanwhile)."""
+        with self.cond:
+            self.running.discard(name)
+            self.waiting.append(name)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: name in self.ended or (not self.running and self.passed is None and self._next() == name))
+            self.waiting.remove(name)
+            if name not in self.ended:
+                self.passed = name
+
+    def end(self, name: str) -> None:
+        """``name``'s run is over (finished, crashed or killed)."""
+        with self.cond:
+            self.running.discard(name)
+            self.ended.add(name)
+            if self.passed == name:
+                self.passed = None
+            self.cond.notify_all()
+
+    def _next(self) -> str | None:
+        return min(self.waiting, key=self.order.index, default=None)
 
 
 def run_one(
@@ -117,17 +168,28 @@ def run_one(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     ray_address: str | None = None,
     progress: Progress | None = None,
+    gate: TimedGate | None = None,
 ) -> dict[str, Any]:
-    """Run one implementation's checks in a subprocess; always return a column (status ok/crashed/timeout)."""
+    """Run one implementation's checks in a subprocess; always return a column (status ok/crashed/timeout).
+
+    With ``gate``, the run's timed checks come last and start when the gate lets them.
+    """
     started, clock = _now(), time.perf_counter()
     git = git_commit()
     column: dict[str, Any] = {"implementation": impl, "status": "crashed", "reason": None, "header": None, "results": [], "warnings": []}
     env = {**os.environ, "ZCBENCH_PROFILE": PROFILES[profile], "PYTHONUNBUFFERED": "1"}
     env.setdefault("RAY_AUTH_MODE", "disabled")
 
+    child: _Child | None = None
+
     def on_line(line: str) -> None:
-        if line.startswith("{") and progress is not None:
-            r = json.loads(line)
+        if not line.startswith("{"):
+            return
+        r = json.loads(line)
+        if r == GATE_LINE and gate is not None and child is not None:
+            gate.arrive(impl)  # this reader thread waits; the child waits on its stdin
+            child.go_on()
+        elif "check_id" in r and progress is not None:
             progress.advance(f"{impl} {r['check_id']}: {r['status']}")
 
     rc: int | None = None
@@ -140,6 +202,8 @@ def run_one(
             cmd += ["--xfails", f"{impl}={expected_failures}"]
         if ray_address:
             cmd += ["--ray-address", ray_address]
+        if gate is not None:
+            cmd += ["--gate"]
         # The adapter's worker_env is only known once it is imported, and importing it may
         # import ray: the subprocess then says which env it needs and is started again with it.
         for _attempt in range(2):
@@ -149,6 +213,9 @@ def run_one(
             except BaseException:
                 child.kill()
                 raise
+            finally:
+                if gate is not None and (rc != NEEDS_ENV_EXIT or not out.exists()):
+                    gate.end(impl)
             if rc == NEEDS_ENV_EXIT and out.exists():
                 env.update(json.loads(out.read_text())["needs_env"])
                 out.unlink()
@@ -235,19 +302,19 @@ def run_matrix(
     checks = select_checks(select)
     order = [c.id for c in checks]
     per_impl = len(order)
-    # Checks that judge durations (``timed``) wait until the concurrent runs are over and then run
-    # one implementation at a time: another implementation's actors starting on the same cores
-    # would make those durations, and so the verdicts, a matter of chance.
-    timed = [c.id for c in checks if c.timed] if jobs > 1 and len(impls) > 1 else []
-    untimed = [cid for cid in order if cid not in timed]
+    # Checks that judge durations (``timed``) must not run beside another implementation's run:
+    # with jobs, the implementations go in batches, each behind a TimedGate (see the module's doc).
+    gated = jobs > 1 and len(impls) > 1 and any(c.timed for c in checks)
+    batches = [impls[i : i + jobs] for i in range(0, len(impls), jobs)] if gated else [impls]
     columns: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
 
-    def one(name: str, ids: list[str] | None) -> None:
-        column = run_one(name, select=ids if timed else select, profile=profile, timeout_s=timeout_s,
+    def one(name: str, gate: TimedGate | None) -> None:
+        column = run_one(name, select=select, profile=profile, timeout_s=timeout_s, gate=gate,
                          expected_failures=(expected_failures or {}).get(name), ray_address=ray_address, progress=bar)  # fmt: skip
+        column["results"].sort(key=lambda r: order.index(r["check_id"]))  # the timed ones ran last
         with lock:
-            columns[name] = merge_columns(columns[name], column, order) if name in columns else column
+            columns[name] = column
             matrix["implementations"] = {n: columns[n] for n in impls if n in columns}
             write(matrix, out_dir)
 
@@ -258,11 +325,10 @@ def run_matrix(
     with Progress("conformance", total=per_impl * len(impls), expected_s=expected_s) as bar:
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:
-            if untimed:
-                for f in [pool.submit(one, name, untimed) for name in impls]:
+            for batch in batches:
+                gate = TimedGate(batch) if gated else None
+                for f in [pool.submit(one, name, gate) for name in batch]:
                     f.result()
-            for name in impls if timed else []:
-                pool.submit(one, name, timed).result()
         except BaseException:  # Ctrl-C or a kill -TERM: what was judged is saved, the children end with us
             pool.shutdown(wait=False, cancel_futures=True)
             for child in list(_LIVE):
@@ -275,22 +341,6 @@ def run_matrix(
     matrix["complete"] = list(matrix["implementations"]) == list(impls)
     write(matrix, out_dir)
     return matrix
-
-
-def merge_columns(first: dict[str, Any], second: dict[str, Any], order: list[str]) -> dict[str, Any]:
-    """One implementation's column from two runs of disjoint checks (the timed ones run apart), checks in ``order``."""
-    results = sorted(first["results"] + second["results"], key=lambda r: order.index(r["check_id"]))
-    merged = {**first, "results": results, "header": first["header"] or second["header"], "counts": counts(results)}
-    merged["warnings"] = first["warnings"] + [w for w in second["warnings"] if w not in first["warnings"]]
-    broken = next((c for c in (first, second) if c["status"] != "ok"), None)
-    if broken is not None:
-        merged.update(status=broken["status"], reason=broken["reason"])
-        if "stderr_tail" in broken:
-            merged["stderr_tail"] = broken["stderr_tail"]
-    p1, p2 = first["provenance"], second["provenance"]
-    merged["provenance"] = {**p1, "finished": p2["finished"], "dirty": p1["dirty"] or p2["dirty"],
-                            "retries": p1["retries"] + p2["retries"], "duration_s": round(p1["duration_s"] + p2["duration_s"], 1)}  # fmt: skip
-    return merged
 
 
 def write(matrix: dict[str, Any], out_dir: Path) -> None:
@@ -363,8 +413,7 @@ def to_markdown(matrix: dict[str, Any]) -> str:
         for n in names:
             col = columns[n]
             hit = next((r for r in col["results"] if r["check_id"] == cid), None)
-            waiting = col["status"] == "ok" and not matrix["complete"]  # the timed checks run last
-            cells.append(_cell(hit) if hit else "not run yet" if waiting else f"not run ({col['status']})")
+            cells.append(_cell(hit) if hit else f"not run ({col['status']})")
         lines.append(f"| `{cid}` | " + " | ".join(cells) + " |")
     if not check_ids:
         lines.append("| (no results) | " + " | ".join(columns[n]["status"] for n in names) + " |")
@@ -398,6 +447,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", metavar="ADDRESS", help="attach every run to this Ray cluster (default: a private one each)")
     parser.add_argument("--one", metavar="NAME_OR_SPEC", help=argparse.SUPPRESS)  # the per-implementation subprocess
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--gate", action="store_true", help=argparse.SUPPRESS)  # timed checks last, after a "go" on stdin
 
 
 def _run_one_here(args: argparse.Namespace) -> int:
@@ -424,9 +474,15 @@ def _run_one_here(args: argparse.Namespace) -> int:
         proto.write(json.dumps({"check_id": result.check_id, "status": result.status, "i": i, "n": n}) + "\n")
         proto.flush()
 
+    def hold_timed() -> None:
+        proto.write(json.dumps(GATE_LINE) + "\n")
+        proto.flush()
+        sys.stdin.readline()  # "go", or the end of the pipe: the matrix is gone and so are we, soon
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", executor.StaleExpectedFailures)
-        executor.run_checks(impl, select=args.select, expected_failures=xfails_file, ray_address=args.ray_address, progress=on_result)
+        executor.run_checks(impl, select=args.select, expected_failures=xfails_file, ray_address=args.ray_address,
+                            progress=on_result, hold_timed=hold_timed if args.gate else None)  # fmt: skip
     payload["warnings"] = [str(w.message) for w in caught if issubclass(w.category, executor.StaleExpectedFailures)]
     schema.write_text_atomic(args.json, json.dumps(payload, default=str))
     from zcbench.suites import session

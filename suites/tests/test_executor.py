@@ -102,6 +102,23 @@ def test_probe_actors_start_a_few_checks_ahead_and_never_during_a_timed_check(fa
                          "quiet", *own(16), {"head": 16}]  # fmt: skip
 
 
+def test_held_timed_checks_run_last_once_the_hold_returns(fake, monkeypatch) -> None:
+    from zcbench.suites import hosts
+
+    monkeypatch.setattr(hosts, "prestart", lambda impl, counts: None)
+    monkeypatch.setattr(hosts, "wait_for_starts", lambda: None)
+    log: list[str] = []
+    plan = [Check("x.a", lambda _i: log.append("a")), Check("x.t1", lambda _i: log.append("t1"), timed=True),
+            Check("x.b", lambda _i: log.append("b")), Check("x.t2", lambda _i: log.append("t2"), timed=True)]  # fmt: skip
+    monkeypatch.setattr(executor, "select_checks", lambda select: list(plan))
+    results = executor.run_checks("reference", hold_timed=lambda: log.append("hold"))
+    assert log == ["a", "b", "hold", "t1", "t2"]  # held once, before the first timed check
+    assert [r.check_id for r in results] == ["x.a", "x.b", "x.t1", "x.t2"]
+    log.clear()
+    executor.run_checks("reference")
+    assert log == ["a", "t1", "b", "t2"]  # without a hold: the registry's order
+
+
 def test_a_run_whose_every_check_is_skipped_starts_no_cluster(fake) -> None:
     undeclared = [Check(f"x.c{i}", lambda _i: None, requires=("nonexistent_flag",)) for i in range(2)]
     ex = executor.Executor()

@@ -278,44 +278,63 @@ def test_xfails_parsing() -> None:
             xfails.parse(bad)
 
 
-def test_with_jobs_the_timed_checks_run_last_one_implementation_at_a_time(tmp_path, monkeypatch) -> None:
+def test_the_timed_gate_lets_runs_on_only_when_the_batch_is_quiet_one_at_a_time() -> None:
     import threading
     import time
 
+    from zcbench.harness.conformance import TimedGate
+
+    gate, log = TimedGate(["a", "b", "c"]), []
+
+    def arrive(name: str, hold_s: float) -> None:
+        gate.arrive(name)
+        log.append(f"{name} in")
+        time.sleep(hold_s)
+        log.append(f"{name} out")
+        gate.end(name)
+
+    ta = threading.Thread(target=arrive, args=("a", 0.1))
+    ta.start()
+    time.sleep(0.2)
+    assert log == []  # b and c are still in their untimed checks
+    gate.end("c")  # c crashed before its timed checks
+    time.sleep(0.1)
+    assert log == []  # b still runs
+    tb = threading.Thread(target=arrive, args=("b", 0.0))
+    tb.start()
+    ta.join(2)
+    tb.join(2)
+    assert log == ["a in", "a out", "b in", "b out"]  # one at a time, in the batch's order
+    late = TimedGate(["x"])
+    late.end("x")  # a run killed while it waited: arrive returns, and lets nobody in after it
+    late.arrive("x")
+    assert late.passed is None
+
+
+def test_with_jobs_the_implementations_run_in_batches_behind_a_timed_gate(tmp_path, monkeypatch) -> None:
     from zcbench.harness import conformance
     from zcbench.suites.executor import select_checks
 
     order = [c.id for c in select_checks(None)]
-    timed = [c.id for c in select_checks(None) if c.timed]
-    assert timed, "no timed check is registered: this test proves nothing"
-    calls, running, lock = [], [], threading.Lock()
+    assert any(c.timed for c in select_checks(None)), "no timed check is registered: this test proves nothing"
+    calls = []
 
-    def run_one(name, *, select, **kw):
-        with lock:
-            running.append(name)
-            calls.append((name, select, len(running)))
-        time.sleep(0.2)  # long enough for a concurrent call to overlap
-        with lock:
-            running.remove(name)
-        results = [{"check_id": cid, "status": "pass"} for cid in reversed(select or [])]
-        return {"implementation": name, "status": "ok" if select != timed else "crashed", "reason": None if select != timed else "boom",
-                "header": {"version": "1"}, "results": results, "warnings": [f"w-{len(select or [])}"], "counts": {},
-                "provenance": {"commit": "c", "dirty": False, "started": "s", "finished": f"f{len(select or [])}", "retries": 1, "duration_s": 1.0}}  # fmt: skip
+    def run_one(name, *, select, gate, **kw):
+        calls.append((name, select, None if gate is None else gate.order))
+        if gate is not None:
+            gate.end(name)
+        timed_last = sorted(order, key=lambda cid: cid == "scale.many_tensors")
+        return {"implementation": name, "status": "ok", "reason": None, "header": {"version": "1"}, "warnings": [], "counts": {},
+                "results": [{"check_id": cid, "status": "pass"} for cid in timed_last],
+                "provenance": {"commit": "c", "dirty": False, "started": "s", "finished": "f", "retries": 0, "duration_s": 1.0}}  # fmt: skip
 
     monkeypatch.setattr(conformance, "run_one", run_one)
     monkeypatch.setattr(conformance, "write", lambda matrix, out_dir: None)
-    matrix = conformance.run_matrix(["reference", "naive"], tmp_path, jobs=2)
-    untimed = [cid for cid in order if cid not in timed]
-    assert [(n, s) for n, s, _ in calls[:2]] in ([("reference", untimed), ("naive", untimed)], [("naive", untimed), ("reference", untimed)])
-    assert max(depth for *_, depth in calls[:2]) == 2  # the untimed checks of both at once
-    assert [(n, s, depth) for n, s, depth in calls[2:]] == [("reference", timed, 1), ("naive", timed, 1)]  # then alone, in turn
-    col = matrix["implementations"]["reference"]
-    assert [r["check_id"] for r in col["results"]] == order  # one column, the registry's order
-    assert (col["status"], col["reason"]) == ("crashed", "boom")  # a run that broke is named, whichever part it was
-    assert col["provenance"]["finished"] == f"f{len(timed)}" and col["provenance"]["retries"] == 2
-    assert col["warnings"] == [f"w-{len(untimed)}", f"w-{len(timed)}"]
-    # one implementation, or one job: one run each, every selected check in it
+    matrix = conformance.run_matrix(["reference", "naive", "torch-mmap"], tmp_path, jobs=2)
+    assert sorted(calls) == [("naive", None, ["reference", "naive"]), ("reference", None, ["reference", "naive"]), ("torch-mmap", None, ["torch-mmap"])]
+    assert calls[-1][0] == "torch-mmap"  # the second batch starts after the first
+    assert [r["check_id"] for r in matrix["implementations"]["naive"]["results"]] == order  # the registry's order again
     calls.clear()
     conformance.run_matrix(["reference"], tmp_path, jobs=2)
-    conformance.run_matrix(["reference", "naive"], tmp_path, select=None, jobs=1)
-    assert [s for _, s, _ in calls] == [None, None, None]
+    conformance.run_matrix(["reference", "naive"], tmp_path, jobs=1)
+    assert [g for *_, g in calls] == [None, None, None]  # nothing runs beside: no gate
