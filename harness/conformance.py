@@ -129,7 +129,6 @@ class TimedGate:
 
     def __init__(self, names: list[str]):
         self.order = list(names)
-        self.running = set(names)  # neither waiting at the gate nor ended
         self.waiting: list[str] = []
         self.ended: set[str] = set()
         self.passed: str | None = None  # the run now in its timed checks
@@ -138,10 +137,9 @@ class TimedGate:
     def arrive(self, name: str) -> None:
         """Block until ``name`` may run its timed checks (returns at once if it has ended meanwhile)."""
         with self.cond:
-            self.running.discard(name)
             self.waiting.append(name)
             self.cond.notify_all()
-            self.cond.wait_for(lambda: name in self.ended or (not self.running and self.passed is None and self._next() == name))
+            self.cond.wait_for(lambda: name in self.ended or (self.passed is None and not self._running() and self._next() == name))
             self.waiting.remove(name)
             if name not in self.ended:
                 self.passed = name
@@ -149,11 +147,14 @@ class TimedGate:
     def end(self, name: str) -> None:
         """``name``'s run is over (finished, crashed or killed)."""
         with self.cond:
-            self.running.discard(name)
             self.ended.add(name)
             if self.passed == name:
                 self.passed = None
             self.cond.notify_all()
+
+    def _running(self) -> bool:
+        """Some run is still in its untimed checks (neither waiting here, nor passed, nor ended)."""
+        return any(n not in self.waiting and n not in self.ended and n != self.passed for n in self.order)
 
     def _next(self) -> str | None:
         return min(self.waiting, key=self.order.index, default=None)
@@ -206,21 +207,22 @@ def run_one(
             cmd += ["--gate"]
         # The adapter's worker_env is only known once it is imported, and importing it may
         # import ray: the subprocess then says which env it needs and is started again with it.
-        for _attempt in range(2):
-            child = _Child(cmd, env, on_line)
-            try:
-                rc = child.wait(timeout_s - (time.perf_counter() - clock))
-            except BaseException:
-                child.kill()
-                raise
-            finally:
-                if gate is not None and (rc != NEEDS_ENV_EXIT or not out.exists()):
-                    gate.end(impl)
-            if rc == NEEDS_ENV_EXIT and out.exists():
-                env.update(json.loads(out.read_text())["needs_env"])
-                out.unlink()
-                continue
-            break
+        try:
+            for _attempt in range(2):
+                child = _Child(cmd, env, on_line)
+                try:
+                    rc = child.wait(timeout_s - (time.perf_counter() - clock))
+                except BaseException:
+                    child.kill()
+                    raise
+                if rc == NEEDS_ENV_EXIT and out.exists():
+                    env.update(json.loads(out.read_text())["needs_env"])
+                    out.unlink()
+                    continue
+                break
+        finally:
+            if gate is not None:
+                gate.end(impl)  # however the run ended: the others must not wait for it
         stderr = "".join(child.stderr)
         if out.exists():
             column.update({k: v for k, v in json.loads(out.read_text()).items() if k in ("header", "results", "warnings")})
