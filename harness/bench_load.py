@@ -20,7 +20,10 @@ kept in ``extra_info["driver_s"]``. The load rounds are measured live in ``test_
 the forward benchmarks report the same actors' forward passes (measured right after
 each load, in the same process), so one fresh process per round serves all four. The
 metadata floor (building the shape's tensors as views plus Parameters, no bytes moved) is
-timed live in the driver with pytest-benchmark's own timer.
+timed live in the driver with pytest-benchmark's own timer. ``test_first_use`` times, in a
+fresh actor of its own, what every load pays once per process whatever the implementation
+and the shape (the first object-store ``get`` and the first tensor): at a few tensors a
+fresh actor's load cannot be faster.
 
 ``ZCBENCH_BENCH_ROUNDS`` sets the rounds (fresh actors) per shape, 5 by default; ``-k`` selects shapes.
 """
@@ -37,7 +40,7 @@ import pytest
 # Absolute imports only: pytest may import this file under another name (``harness.bench_load``), and
 # whatever Ray pickles by reference must resolve in the workers.
 from zcbench.harness.floor import build_views, tensor_specs
-from zcbench.harness.inactor import steady_vs_private, timed_forward
+from zcbench.harness.inactor import first_use_s, steady_vs_private, timed_forward
 from zcbench.harness.matrix import resolve_model
 from zcbench.suites import models, probes
 
@@ -222,3 +225,27 @@ def test_metadata_floor(benchmark: Any, shape: str) -> None:
     benchmark.extra_info.update({"measure": "metadata floor", "shape": shape, "num_tensors": len(specs),
                                  "timing": "pytest-benchmark's timer, in the driver"})  # fmt: skip
     benchmark.pedantic(build_views, args=(specs,), rounds=ROUNDS * 4, iterations=1)
+
+
+def test_first_use(benchmark: Any, cluster: Any) -> None:
+    """What a fresh process pays once, before any model: the first store ``get`` and the first tensor (in-actor time).
+
+    ``extra_info``: the two parts per round. The stored object is 1 MiB (never inlined by Ray).
+    """
+    import numpy as np
+    import ray
+
+    stored = ray.put(np.zeros(MiB, np.uint8))
+    parts: list[dict[str, float]] = []
+
+    def one_round() -> None:
+        parts.append(first_use_s(stored))
+        clock.advance(sum(parts[-1].values()))
+
+    clock = use_clock(benchmark)
+    benchmark.group = "first use"
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info.update({
+        "measure": "first store get + first tensor in a fresh process", "store_get_s": [p["store_get_s"] for p in parts],
+        "tensor_s": [p["tensor_s"] for p in parts], "timing": "seconds measured inside a fresh Ray actor",
+    })  # fmt: skip

@@ -96,3 +96,50 @@ def load_with_code_imported_s(impl: Any, wrapped: Any, rounds: int = 2) -> float
         finally:
             hosts.release([first])
     return statistics.median(times)
+
+
+class FirstUse:
+    """A new worker process that has imported torch, numpy and zcbench's model zoo, as a probe host has, and done nothing.
+
+    :meth:`measure` times what any load through the object store pays once per process, whatever
+    the implementation: the first ``ray.get`` of an object in the store (the process maps the
+    store then), and the first tensor made over existing memory, wrapped as a Parameter (torch
+    sets up its first operator calls then). Nothing of a model is involved.
+    """
+
+    def __init__(self) -> None:
+        import sys
+
+        # A worker Ray reused (one that ran tasks before) would not be a new process.
+        self.fresh = "torch" not in sys.modules
+        import numpy  # noqa: F401 - imported before the timing, as in a probe host
+        import torch  # noqa: F401
+        import zcbench.suites.models  # noqa: F401
+
+    def measure(self, box: list) -> dict[str, float]:
+        """Seconds of the first store ``get`` of ``box[0]`` and of the first tensor plus Parameter in this process."""
+        import numpy as np
+        import ray
+        import torch
+
+        memory = np.zeros(4096, np.uint8)
+        start = time.perf_counter()
+        ray.get(box[0])
+        got = time.perf_counter()
+        torch.nn.Parameter(torch.frombuffer(memory, dtype=torch.float32))
+        done = time.perf_counter()
+        if not self.fresh:
+            raise RuntimeError("Ray gave the first-use probe a worker that had imported torch already: not a new process")
+        return {"store_get_s": got - start, "tensor_s": done - got}
+
+
+def first_use_s(stored: Any) -> dict[str, float]:
+    """:meth:`FirstUse.measure` in a fresh actor started for it (and killed after); ``stored`` is an ObjectRef in the store."""
+    import ray
+    from zcbench.suites import hosts
+
+    actor = ray.remote(FirstUse).options(num_cpus=hosts.ACTOR_CPUS).remote()
+    try:
+        return ray.get(actor.measure.remote([stored]), timeout=hosts.READY_TIMEOUT_S)
+    finally:
+        ray.kill(actor, no_restart=True)

@@ -27,7 +27,8 @@ def test_collects_five_benchmarks_per_shape_for_any_implementation():
     done = _pytest("--zc-impl", "naive", "--collect-only", "-q")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ids = [line for line in done.stdout.splitlines() if "::test_" in line]
-    assert len(ids) == len(TESTS) * len(models.MODEL_SETS['scale'])
+    assert len(ids) == len(TESTS) * len(models.MODEL_SETS['scale']) + 1
+    assert any(line.endswith("::test_first_use") for line in ids)
     for shape in models.MODEL_SETS['scale']:
         for test in TESTS:
             assert any(line.endswith(f"{test}[{shape}]") for line in ids), (test, shape)
@@ -42,11 +43,15 @@ def test_the_clock_records_only_what_it_is_told():
 
 def test_one_shape_against_the_reference_writes_in_actor_times(tmp_path):
     out = tmp_path / "bench.json"
-    done = _pytest("--zc-impl", "reference", "-k", "tensors-500 and not tensors-5000", "-q", f"--benchmark-json={out}",
-                   ZCBENCH_BENCH_ROUNDS="1")  # fmt: skip
+    done = _pytest("--zc-impl", "reference", "-k", "(tensors-500 and not tensors-5000) or first_use", "-q",
+                   f"--benchmark-json={out}", ZCBENCH_BENCH_ROUNDS="1")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     found = {b["name"]: b for b in json.loads(out.read_text())["benchmarks"]}
-    assert set(found) == {f"{t}[tensors-500]" for t in TESTS}
+    assert set(found) == {f"{t}[tensors-500]" for t in TESTS} | {"test_first_use"}
+    first = found["test_first_use"]
+    parts = first["extra_info"]["store_get_s"] + first["extra_info"]["tensor_s"]
+    assert first["group"] == "first use" and len(parts) == 2 and all(0 < p < 5 for p in parts), first["extra_info"]
+    assert first["stats"]["median"] == pytest.approx(sum(parts))
     load = found["test_load[tensors-500]"]
     assert load["group"] == "tensors-500" and load["extra_info"]["implementation"] == "reference"
     assert load["extra_info"]["num_tensors"] == 500 and "ActorClock" in load["options"]["timer"]
